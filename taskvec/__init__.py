@@ -9,7 +9,7 @@ _LAZY = {
     "analogy": "taskvec.vector",
     "open_source": "taskvec.io",
     "ShardedWriter": "taskvec.io",
-    "merge": "taskvec.merge",
+    "merge": "taskvec.merging",  # module name differs so the submodule never shadows the function
 }
 
 
