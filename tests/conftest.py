@@ -1,0 +1,24 @@
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TASKVEC_NO_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def tree_hash(*paths) -> dict[str, str]:
+    """sha256 of every file under the given paths: inputs must be byte-identical after any operation."""
+    out = {}
+    for p in map(Path, paths):
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+        for f in files:
+            out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture
+def hash_tree():
+    return tree_hash

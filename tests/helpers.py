@@ -1,0 +1,41 @@
+"""Small real-format checkpoints for tests (tiny BERT / Llama configs saved with save_pretrained)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def tiny_bert(seed: int = 0, vocab_size: int = 64):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32)
+    return BertModel(cfg).eval()
+
+
+def tiny_llama(seed: int = 0, layers: int = 4):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def perturbed(model, scale: float = 0.01, seed: int = 1):
+    """A 'fine-tune': every float weight nudged by a relative amount (keeps θ_ft/θ₀ near 1)."""
+    import copy
+
+    g = torch.Generator().manual_seed(seed)
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1 + scale * torch.rand(p.shape, generator=g))
+    return m
+
+
+def save_model(model, path: Path, **kw) -> Path:
+    model.save_pretrained(path, **kw)
+    return path
