@@ -99,8 +99,8 @@ class _Difference(_Atom):
             n = min(b.shape[0], f.shape[0])
             d = torch.zeros(b.shape, dtype=torch.float32)
             d[:n] = f[:n].float() - b[:n].float()
-        else:
-            d = f.float() - b.float()
+        else:  # one float32 copy, subtracted in place (fewer tensors alive)
+            d = f.to(torch.float32, copy=True).sub_(b)
         if self.check_finite and not torch.isfinite(d).all():
             bad = self.base if not torch.isfinite(b).all() else self.ft
             raise CheckpointError(f"{bad.name}: tensor {key!r} contains NaN or inf")
@@ -363,7 +363,10 @@ class TaskVector(Mapping):
             t = b.get(k)
             if k not in self.metas:
                 return t if out is not None else t.clone()
-            return (t.float() + self[k] * scaling if scaling != 1.0 else t.float() + self[k]).to(out_dtype(k))
+            d = self[k]  # a fresh float32 tensor: safe to update in place
+            if scaling != 1.0:
+                d.mul_(scaling)
+            return d.add_(t).to(out_dtype(k))
 
         keys = list(b.index)
         bar = progress(keys, desc="apply τ", total=len(keys), disable=None if show_progress else True)
