@@ -392,7 +392,7 @@ class TaskVector(Mapping):
     def save(self, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
         """Write the deltas to one safetensors file with JSON metadata (base identity, provenance), atomically."""
         path = Path(path)
-        check_output_path(path, self._sources(), overwrite=overwrite)
+        check_output_path(path, self._sources(), overwrite=overwrite, is_file=True)
         info = {"version": FORMAT_VERSION, "base": self.base_name, "base_fingerprint": self.base_fingerprint,
                 "expression": self.expression, "provenance": self.provenance, "skipped": self.skipped,
                 "label": path.stem}

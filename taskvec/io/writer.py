@@ -7,6 +7,7 @@ folder named like the output therefore always holds a finished model.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -52,7 +53,8 @@ def input_paths(sources: Iterable[Any]) -> list[Path]:
     return paths
 
 
-def check_output_path(out: str | os.PathLike, inputs: Iterable[Any] = (), *, overwrite: bool = False) -> Path:
+def check_output_path(out: str | os.PathLike, inputs: Iterable[Any] = (), *, overwrite: bool = False,
+                      is_file: bool = False) -> Path:
     """Refuse an output that exists (unless overwrite) or that is, contains, or lies in an input."""
     out = Path(out).expanduser().absolute()
     resolved = out.resolve()
@@ -61,9 +63,27 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[Any] = (), *, ove
             raise OutputError(f"{out}: output would overwrite or sit inside an input ({p}); choose another folder")
     if out.exists() and not overwrite:
         raise OutputError(f"{out}: already exists; choose a new folder or pass overwrite=True")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a folder")
+    if out.exists() and out.is_dir() == is_file:
+        raise OutputError(f"{out}: exists and is {'a folder' if is_file else 'not a folder'}")
     return out
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Remove temp folders left by earlier writes to `out` whose process has died (killed mid-merge)."""
+    for d in out.parent.glob(f".{glob.escape(out.name)}.taskvec-tmp-*"):
+        m = re.search(r"taskvec-tmp-(\d+)-", d.name)
+        if m and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class ShardedWriter:
@@ -97,7 +117,8 @@ class ShardedWriter:
         n = len(shards)
         self._names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.taskvec-tmp-", dir=self.out.parent))
+        _remove_stale_temps(self.out)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.taskvec-tmp-{os.getpid()}-", dir=self.out.parent))
         self._files: list[SafetensorsFileWriter] = []
         self._shard_of: dict[str, SafetensorsFileWriter] = {}
         self.total_size = 0
