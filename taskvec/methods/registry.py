@@ -1,0 +1,499 @@
+"""The method registry: every merge method by name, with its parameters described.
+
+A `MergeMethod` knows whether it needs a base model, which parameters are
+per-model (one value per fine-tuned model: weight, density, ...) and which are
+global (lambda, normalize, t, ...), their defaults and valid ranges, and merges
+one tensor at a time with `merge_tensor`, always in float32.
+
+Parameter values may be given as
+  * a scalar (one value for every model / the global value),
+  * a list with one entry per model (per-model parameters only),
+  * a callable f(tensor_name) -> value (per-layer schedules, name filters),
+  * a mapping / Source / TaskVector looked up by tensor name (Fisher diagonals, Gram matrices);
+list entries may themselves be callables or mappings.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..errors import ParameterError
+from .arithmetic import linear_average
+from .dare import dare_drop, tensor_generator
+from .model_stock import model_stock
+from .slerp import slerp
+from .sparsify import della_magprune, trim_breadcrumbs, trim_topk
+from .statistics import fisher_merge, regmean_merge
+from .ties import combine_deltas
+
+_NO_DEFAULT = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """One method parameter: its default, range and whether it is per-model."""
+
+    name: str
+    default: Any
+    doc: str
+    per_model: bool = False
+    kind: str = "float"  # float | int | bool | choice | tensor
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple = ()
+    aliases: tuple[str, ...] = ()
+    nullable: bool = False
+
+    @property
+    def required(self) -> bool:
+        return self.default is _NO_DEFAULT
+
+    def range_text(self) -> str:
+        if self.kind == "choice":
+            return "one of " + ", ".join(map(repr, self.choices))
+        if self.low is None and self.high is None:
+            return self.kind
+        lo = "-inf" if self.low is None else f"{self.low:g}"
+        hi = "inf" if self.high is None else f"{self.high:g}"
+        return f"{'(' if self.low_open or self.low is None else '['}{lo}, {hi}{')' if self.high_open or self.high is None else ']'}"
+
+    def check(self, value: Any, where: str = "") -> Any:
+        """Validate one concrete value; `where` says which model / tensor, for the message."""
+        label = f"{self.name}{where}"
+        if value is None:
+            if self.nullable:
+                return None
+            raise ParameterError(f"{label}: a value is required ({self.doc})")
+        if self.kind == "tensor":
+            if not isinstance(value, torch.Tensor):
+                raise ParameterError(f"{label} must be a tensor, got {type(value).__name__}")
+            return value
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise ParameterError(f"{label} must be true or false, got {value!r}")
+            return value
+        if self.kind == "choice":
+            if value not in self.choices:
+                raise ParameterError(f"{label} must be {self.range_text()}, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParameterError(f"{label} must be a number, got {value!r}")
+        if self.kind == "int":
+            if int(value) != value:
+                raise ParameterError(f"{label} must be an integer, got {value!r}")
+            return int(value)
+        v = float(value)
+        bad = math.isnan(v)
+        if self.low is not None:
+            bad |= v <= self.low if self.low_open else v < self.low
+        if self.high is not None:
+            bad |= v >= self.high if self.high_open else v > self.high
+        if bad:
+            raise ParameterError(f"{label} must be in {self.range_text()}, got {value!r}")
+        return v
+
+
+def _is_lookup(v: Any) -> bool:
+    return not isinstance(v, (torch.Tensor, str, list, tuple)) and hasattr(v, "get") and hasattr(v, "__contains__")
+
+
+def _is_deferred(v: Any) -> bool:
+    """A value only known once the tensor name is: a callable or a by-name lookup."""
+    return _is_lookup(v) or (callable(v) and not isinstance(v, torch.Tensor))
+
+
+def resolve_value(v: Any, name: str) -> Any:
+    """A parameter value for tensor `name`: call callables, look mappings up, pass the rest through."""
+    if _is_lookup(v):
+        if name in v:
+            return v.get(name)
+        module = name.removesuffix(".weight")  # per-layer statistics (Gram matrices) are keyed by module name
+        return v.get(module) if module != name and module in v else None
+    if callable(v) and not isinstance(v, torch.Tensor):
+        return v(name)
+    return v
+
+
+Kernel = Callable[[torch.Tensor | None, list, str, dict], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A merge method: name, parameter specs and the per-tensor kernel.
+
+    `merge_tensor(base, tensors, name=..., **params)` validates, resolves
+    per-name values, computes in float32 and returns a new float32 tensor;
+    inputs are never modified.
+    """
+
+    name: str
+    summary: str
+    kernel: Kernel = field(repr=False)
+    params: tuple[Param, ...] = ()
+    needs_base: bool = True
+    min_models: int = 1
+    max_models: int | None = None
+    reference: str = ""
+
+    # --- describing -------------------------------------------------------------
+    @property
+    def param_names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+    @property
+    def per_model_params(self) -> list[str]:
+        return [p.name for p in self.params if p.per_model]
+
+    @property
+    def global_params(self) -> list[str]:
+        return [p.name for p in self.params if not p.per_model]
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {p.name: p.default for p in self.params if not p.required}
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if name == p.name or name in p.aliases:
+                return p
+        raise ParameterError(f"{self.name} has no parameter {name!r}; its parameters: {', '.join(self.param_names) or 'none'}")
+
+    def __repr__(self) -> str:
+        lines = [f"MergeMethod {self.name!r}: {self.summary}", f"  base model: {'required' if self.needs_base else 'not used'}"]
+        for p in self.params:
+            scope = "per-model" if p.per_model else "global"
+            default = "required" if p.required else repr(p.default)
+            lines.append(f"  {p.name:<12} {scope:<9} default {default:<8} {p.range_text():<24} {p.doc}")
+        if self.reference:
+            lines.append(f"  reference: {self.reference}")
+        return "\n".join(lines)
+
+    # --- validating -------------------------------------------------------------
+    def check_params(self, n_models: int, *, has_base: bool = True, **params) -> dict[str, Any]:
+        """Canonical names, defaults filled in, every concrete value range-checked.
+
+        Callables and by-name lookups are checked later, per tensor. Raises
+        ParameterError naming the parameter at fault.
+        """
+        if n_models < 1:
+            raise ParameterError(f"models: {self.name} needs at least one model, got an empty list")
+        if n_models < self.min_models:
+            raise ParameterError(f"models: {self.name} needs at least {self.min_models} models, got {n_models}")
+        if self.max_models is not None and n_models > self.max_models:
+            raise ParameterError(f"models: {self.name} takes at most {self.max_models} models, got {n_models}")
+        if self.needs_base and not has_base:
+            raise ParameterError(f"base: {self.name} needs a base model")
+        out: dict[str, Any] = {}
+        for key, value in params.items():
+            spec = self.param(key)
+            if spec.name in out:
+                raise ParameterError(f"{spec.name} given twice (as {key!r} and another alias)")
+            out[spec.name] = self._check_form(spec, value, n_models)
+        for spec in self.params:
+            if spec.name not in out:
+                if spec.required:
+                    raise ParameterError(f"{spec.name}: {self.name} needs it ({spec.doc})")
+                out[spec.name] = [spec.default] * n_models if spec.per_model else spec.default
+        return out
+
+    def _check_form(self, spec: Param, value: Any, n: int) -> Any:
+        if spec.per_model:
+            if isinstance(value, (list, tuple)):
+                if len(value) != n:
+                    raise ParameterError(f"{spec.name}: got {len(value)} values for {n} models")
+                return [v if _is_deferred(v) else spec.check(v, f" (model {i})") for i, v in enumerate(value)]
+            return [value] * n if _is_deferred(value) else [spec.check(value)] * n
+        if _is_deferred(value):
+            return value
+        if isinstance(value, (list, tuple)):
+            raise ParameterError(
+                f"{spec.name} is global (one value for all models), got a list; "
+                "for per-layer values pass a callable f(tensor_name) -> value"
+            )
+        return spec.check(value)
+
+    def resolve(self, checked: dict[str, Any], name: str) -> dict[str, Any]:
+        """Concrete, validated values for tensor `name` from `check_params` output."""
+        out = {}
+        for spec in self.params:
+            v = checked[spec.name]
+            where = f" (tensor {name!r})"
+            if spec.per_model:
+                out[spec.name] = [
+                    spec.check(resolve_value(x, name), f" (model {i}, tensor {name!r})") if _is_deferred(x) else x
+                    for i, x in enumerate(v)
+                ]
+            else:
+                out[spec.name] = spec.check(resolve_value(v, name), where) if _is_deferred(v) else v
+        return out
+
+    # --- merging ----------------------------------------------------------------
+    def merge_tensor(
+        self, base: torch.Tensor | None, tensors: Sequence[torch.Tensor], *, name: str = "<tensor>", **params
+    ) -> torch.Tensor:
+        checked = self.check_params(len(tensors), has_base=base is not None, **params)
+        return self.merge_checked(base, tensors, name=name, checked=checked)
+
+    def merge_checked(
+        self, base: torch.Tensor | None, tensors: Sequence[torch.Tensor], *, name: str, checked: dict[str, Any]
+    ) -> torch.Tensor:
+        """`merge_tensor` with parameters already through `check_params` (the whole-model loop uses this)."""
+        for i, t in enumerate(tensors):
+            ref = base if base is not None else tensors[0]
+            if t.shape != ref.shape:
+                raise ParameterError(f"tensor {name!r}: model {i} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+        p = self.resolve(checked, name)
+        b = None if base is None else base.to(torch.float32)
+        ts = [t.to(torch.float32) for t in tensors]
+        out = self.kernel(b, ts, name, p)
+        # a kernel may return one of its (float32) inputs unchanged: never hand back an alias
+        if any(out is x for x in ts) or (b is not None and out is b):
+            out = out.clone()
+        return out
+
+
+# ---------------------------------------------------------------------------------
+# Kernels. Each gets float32 base (or None), float32 tensors, the tensor name and
+# resolved params; none mutates its inputs.
+
+def _lam(p: dict) -> float:
+    return p["lambda"]
+
+
+def _drop_rates(p: dict) -> list[float]:
+    """DARE's drop rate per model: `p`, or 1 - `density` (mergekit's spelling), default 0.9."""
+    out = []
+    for i, (drop, density) in enumerate(zip(p["p"], p["density"])):
+        if drop is not None and density is not None:
+            raise ParameterError(f"p and density (model {i}): give the drop rate p or the keep rate density, not both")
+        out.append(drop if drop is not None else (1.0 - density if density is not None else 0.9))
+    return out
+
+
+def _gta_kernel(sparsifier: str | None, consensus: bool, normalize_default: dict[str, bool]) -> Kernel:
+    """Generalised task arithmetic: sparsify each tau_i, optionally elect signs, combine, scale, add to base."""
+
+    def kernel(base, tensors, name, p):
+        semantics = p["semantics"]
+        n = len(tensors)
+        stacked = torch.empty((n, *base.shape), dtype=torch.float32, device=base.device)
+        drops = _drop_rates(p) if sparsifier == "random" else None
+        for i, t in enumerate(tensors):
+            delta = torch.sub(t, base, out=stacked[i])
+            if sparsifier == "magnitude":
+                threshold = p["threshold"][i]
+                if p["trim_scope"] == "global" and threshold is None:
+                    raise ParameterError(
+                        "threshold: trim_scope='global' needs each model's whole-task-vector threshold "
+                        "(taskvec.merging.merge computes it; or use methods.global_magnitude_threshold)"
+                    )
+                stacked[i] = trim_topk(delta, p["density"][i], threshold=threshold if p["trim_scope"] == "global" else None)
+            elif sparsifier == "random":
+                stacked[i] = dare_drop(delta, drops[i], rescale=p["rescale"], generator=tensor_generator(p["seed"] + i, name))
+            elif sparsifier == "breadcrumbs":
+                stacked[i] = trim_breadcrumbs(delta, p["density"][i], p["gamma"][i])
+            elif sparsifier == "della":
+                g = tensor_generator(p["seed"] + i, name)
+                stacked[i] = della_magprune(delta, p["density"][i], p["epsilon"], rescale=p["rescale"], generator=g)
+        normalize = p["normalize"] if p["normalize"] is not None else normalize_default[semantics]
+        merged = combine_deltas(
+            stacked,
+            p["weight"],
+            consensus=p["consensus"] if consensus else None,
+            normalize=normalize,
+            semantics=semantics,
+        )
+        return merged.mul_(_lam(p)).add_(base)
+
+    return kernel
+
+
+def _linear(base, tensors, name, p):
+    return linear_average(tensors, p["weight"], normalize=p["normalize"])
+
+
+def _slerp(base, tensors, name, p):
+    ends = ([base] if base is not None else []) + list(tensors)
+    if len(ends) != 2:
+        raise ParameterError(f"models: slerp interpolates exactly two models (base + one model, or two models), got {len(ends)}")
+    return slerp(p["t"], ends[0], ends[1])
+
+
+def _model_stock(base, tensors, name, p):
+    return model_stock(base, tensors, filter_wise=p["filter_wise"])
+
+
+def _fisher(base, tensors, name, p):
+    fishers = p["fisher"]
+    if all(f is None for f in fishers):  # no statistics for this tensor (e.g. a frozen one): plain average
+        return linear_average(tensors, p["weight"])
+    if any(f is None for f in fishers):
+        missing = [i for i, f in enumerate(fishers) if f is None]
+        raise ParameterError(f"fisher: tensor {name!r} has a Fisher diagonal for some models but not models {missing}")
+    return fisher_merge(tensors, fishers, eps=p["eps"], weights=p["weight"])
+
+
+def _regmean(base, tensors, name, p):
+    grams = p["gram"]
+    if all(g is None for g in grams) or tensors[0].dim() != 2:
+        return linear_average(tensors)  # RegMean merges linear weights; everything else is averaged
+    if any(g is None for g in grams):
+        missing = [i for i, g in enumerate(grams) if g is None]
+        raise ParameterError(f"gram: tensor {name!r} has a Gram matrix for some models but not models {missing}")
+    return regmean_merge(tensors, grams, alpha=p["alpha"])
+
+
+def _passthrough(base, tensors, name, p):
+    return tensors[0].clone()
+
+
+# ---------------------------------------------------------------------------------
+# Parameter specs shared by several methods.
+
+def _weight(default=1.0):
+    return Param("weight", default, "scale of this model's contribution", per_model=True, aliases=("weights",))
+
+
+LAMBDA = Param("lambda", 1.0, "scale of the merged task vector (EMTA's lambda)", aliases=("lambda_", "lam", "scaling_coef"))
+SEMANTICS = Param(
+    "semantics", "paper", "where weights enter TIES / what normalize divides by (see ties.py)",
+    kind="choice", choices=("paper", "mergekit"),
+)
+CONSENSUS = Param(
+    "consensus", "mass", "sign election: total mass (paper) or majority count",
+    kind="choice", choices=("mass", "count", "sum"), aliases=("consensus_method",),
+)
+INT8_MASK = Param("int8_mask", False, "accepted for mergekit configs; no effect (masks are float here)", kind="bool")
+SEED = Param("seed", 0, "random seed; each tensor's draws come from (seed + model index, tensor name)", kind="int")
+RESCALE = Param("rescale", True, "divide survivors by their keep probability", kind="bool")
+
+
+def _density(default, *, nullable=False):
+    return Param(
+        "density", default, "fraction of task-vector entries kept", per_model=True,
+        low=0.0, high=1.0, low_open=True, nullable=nullable,
+    )
+
+
+def _normalize(default, doc="divide by the number (paper) / weight (mergekit) of agreeing models"):
+    return Param("normalize", default, doc, kind="bool", nullable=default is None)
+
+
+def _gta(name, summary, sparsifier, consensus, normalize_default, extra, reference):
+    params = [_weight(), *extra, LAMBDA]
+    if consensus:
+        params += [CONSENSUS]
+    params += [_normalize(None), SEMANTICS, INT8_MASK]
+    return MergeMethod(
+        name=name,
+        summary=summary,
+        kernel=_gta_kernel(sparsifier, consensus, normalize_default),
+        params=tuple(params),
+        needs_base=True,
+        reference=reference,
+    )
+
+
+_DARE_PARAMS = (
+    Param("p", None, "drop rate (DARE's p; default 0.9 when neither p nor density is given)", per_model=True,
+          low=0.0, high=1.0, high_open=True, nullable=True, aliases=("drop_rate",)),
+    _density(None, nullable=True),
+    RESCALE,
+    SEED,
+)
+
+_METHOD_LIST = [
+    MergeMethod(
+        "linear", "weighted average sum_i w_i theta_i / sum_i w_i", _linear,
+        (_weight(), _normalize(True, "divide by the sum of the weights")),
+        needs_base=False, reference="https://arxiv.org/abs/2203.05482",
+    ),
+    _gta("task_arithmetic", "theta_0 + lambda sum_i w_i tau_i", None, False,
+         {"paper": False, "mergekit": False}, (), "https://arxiv.org/abs/2212.04089"),
+    _gta("ties", "TIES: trim top-k |tau|, elect sign, disjoint mean", "magnitude", True,
+         {"paper": True, "mergekit": True},
+         (_density(0.2),
+          Param("trim_scope", "tensor", "trim per tensor (mergekit) or over the whole task vector (paper)",
+                kind="choice", choices=("tensor", "global")),
+          Param("threshold", None, "global-trim magnitude threshold (computed by merge())", per_model=True,
+                low=0.0, nullable=True)),
+         "https://arxiv.org/abs/2306.01708"),
+    _gta("dare_linear", "DARE drop + rescale, then task arithmetic", "random", False,
+         {"paper": False, "mergekit": False}, _DARE_PARAMS, "https://arxiv.org/abs/2311.03099"),
+    _gta("dare_ties", "DARE drop + rescale, then TIES sign election + disjoint merge", "random", True,
+         {"paper": True, "mergekit": False}, _DARE_PARAMS, "https://arxiv.org/abs/2311.03099"),
+    _gta("breadcrumbs", "drop the largest gamma and smallest entries, then task arithmetic", "breadcrumbs", False,
+         {"paper": False, "mergekit": False},
+         (_density(0.9), Param("gamma", 0.01, "fraction of largest entries (outliers) removed", per_model=True,
+                               low=0.0, high=1.0, high_open=True)),
+         "https://arxiv.org/abs/2312.06795"),
+    _gta("breadcrumbs_ties", "breadcrumbs, then TIES sign election + disjoint merge", "breadcrumbs", True,
+         {"paper": True, "mergekit": False},
+         (_density(0.9), Param("gamma", 0.01, "fraction of largest entries (outliers) removed", per_model=True,
+                               low=0.0, high=1.0, high_open=True)),
+         "https://arxiv.org/abs/2312.06795"),
+    _gta("della", "DELLA MagPrune (rank-based drop), then TIES sign election + disjoint merge", "della", True,
+         {"paper": True, "mergekit": True},
+         (_density(0.7), Param("epsilon", 0.15, "keep probabilities span density +- epsilon", low=0.0, high=1.0,
+                               high_open=True), RESCALE, SEED),
+         "https://arxiv.org/abs/2406.11617"),
+    _gta("della_linear", "DELLA MagPrune, then task arithmetic", "della", False,
+         {"paper": False, "mergekit": False},
+         (_density(0.7), Param("epsilon", 0.15, "keep probabilities span density +- epsilon", low=0.0, high=1.0,
+                               high_open=True), RESCALE, SEED),
+         "https://arxiv.org/abs/2406.11617"),
+    MergeMethod(
+        "slerp", "spherical interpolation from the base (t=0) to the model (t=1)", _slerp,
+        (Param("t", 0.5, "interpolation position", low=0.0, high=1.0),),
+        needs_base=False, max_models=2,
+    ),
+    MergeMethod(
+        "model_stock", "average pulled towards the base by the task-vector angle", _model_stock,
+        (Param("filter_wise", False, "one angle per row instead of per tensor", kind="bool"),),
+        needs_base=True, min_models=2, reference="https://arxiv.org/abs/2403.19522",
+    ),
+    MergeMethod(
+        "fisher", "Fisher-weighted average sum F_i theta_i / sum F_i", _fisher,
+        (Param("fisher", _NO_DEFAULT, "per-parameter Fisher diagonal (mapping name -> tensor)", per_model=True,
+               kind="tensor", nullable=True, aliases=("fishers",)),
+         _weight(),
+         Param("eps", 1e-6, "floor on each Fisher entry", low=0.0, aliases=("fisher_floor",))),
+        needs_base=False, reference="https://arxiv.org/abs/2111.09832",
+    ),
+    MergeMethod(
+        "regmean", "RegMean: least-squares merge of linear layers from input Gram matrices", _regmean,
+        (Param("gram", _NO_DEFAULT, "input Gram matrix X^T X per linear layer (mapping name -> tensor)",
+               per_model=True, kind="tensor", nullable=True, aliases=("grams",)),
+         Param("alpha", 0.9, "scale of the Gram off-diagonals", low=0.0, high=1.0)),
+        needs_base=False, reference="https://arxiv.org/abs/2212.09849",
+    ),
+    MergeMethod(
+        "passthrough", "copy one model's tensors (layer stacking: taskvec.merging.passthrough)", _passthrough,
+        (), needs_base=False, max_models=1,
+    ),
+]
+
+METHODS: dict[str, MergeMethod] = {m.name: m for m in _METHOD_LIST}
+
+
+def get_method(name: str | MergeMethod) -> MergeMethod:
+    """The registered method called `name` (a MergeMethod passes through)."""
+    if isinstance(name, MergeMethod):
+        return name
+    try:
+        return METHODS[name]
+    except (KeyError, TypeError):
+        raise ParameterError(f"method: unknown merge method {name!r}; known: {', '.join(METHODS)}") from None
+
+
+def register(method: MergeMethod, *, replace: bool = False) -> MergeMethod:
+    """Add a method to the registry (e.g. a research variant) so merge() and configs can name it."""
+    if method.name in METHODS and not replace:
+        raise ParameterError(f"method: {method.name!r} is already registered (pass replace=True)")
+    METHODS[method.name] = method
+    return method

@@ -1,0 +1,106 @@
+"""TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint merge.
+
+    tau_hat_i = trim_topk(tau_i, k)                       (sparsify.py)
+    gamma     = sign(sum_i tau_hat_i)                     elect_sign, "mass"
+    A         = {i : tau_hat_i != 0 and sign(tau_hat_i) = gamma}
+    tau_m     = (1 / |A|) sum_{i in A} tau_hat_i          disjoint_mean
+    theta     = theta_0 + lambda * tau_m
+
+`combine_deltas` is the shared final step of every task-vector method
+(task arithmetic, TIES, DARE, breadcrumbs, DELLA), in two semantics:
+
+* "paper" (default): signs are elected on the unweighted trimmed vectors;
+  per-model weights then scale each agreeing vector, and the disjoint mean
+  divides by the number of agreeing models |A|. A zero sum elects no sign.
+* "mergekit" (as mergekit 0.1.5's generalized task arithmetic): weights
+  multiply the vectors *before* the election, a zero sum elects +1, and
+  `normalize` divides by the sum of the weights of the agreeing models.
+
+With unit weights the two agree except where the elected mass is exactly 0.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import ParameterError
+
+CONSENSUS = ("mass", "count")
+SEMANTICS = ("paper", "mergekit")
+
+
+def elect_sign(deltas: torch.Tensor, method: str = "mass") -> torch.Tensor:
+    """TIES step 2: gamma = sign(sum_i tau_i) ("mass") or sign(sum_i sign(tau_i)) ("count").
+
+    `deltas` is stacked [n_models, ...]; returns +1/-1/0 (0 where the vote ties)
+    with shape deltas.shape[1:], in deltas' dtype.
+    """
+    if method in ("mass", "sum"):
+        return deltas.sum(dim=0).sign()
+    if method == "count":
+        return deltas.sign().sum(dim=0).sign()
+    raise ParameterError(f"consensus must be one of {CONSENSUS}, got {method!r}")
+
+
+def agreement(deltas: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """1.0 where model i's entry is non-zero and has the elected sign, else 0.0 (float, same shape as deltas)."""
+    return (deltas.sign() * signs).clamp_(min=0)  # sign * sign is 1 only for equal non-zero signs
+
+
+def disjoint_mean(deltas: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """TIES step 3: per entry, the mean over the models whose entry is non-zero and
+    agrees with `signs`; 0 where no model agrees. Zeros (trimmed entries) never dilute the mean."""
+    agree = agreement(deltas, signs)
+    return (deltas * agree).sum(dim=0).div_(agree.sum(dim=0).clamp_(min=1))
+
+
+def _as_column(weights, like: torch.Tensor) -> torch.Tensor:
+    w = torch.as_tensor(weights, dtype=like.dtype, device=like.device)
+    return w.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def combine_deltas(
+    deltas: torch.Tensor,
+    weights=None,
+    *,
+    consensus: str | None = None,
+    normalize: bool = False,
+    semantics: str = "paper",
+) -> torch.Tensor:
+    """Merge stacked (already sparsified) task vectors [n, ...] into one delta.
+
+    consensus None: sum_i w_i tau_i, divided by sum_i w_i when `normalize`.
+    consensus "mass"/"count": TIES election + disjoint merge, see the module docstring
+    for where the weights enter under each `semantics`.
+    """
+    if semantics not in SEMANTICS:
+        raise ParameterError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
+    w = _as_column([1.0] * deltas.shape[0] if weights is None else weights, deltas)
+    weighted = deltas * w
+    if consensus is None:
+        out = weighted.sum(dim=0)
+        if normalize:
+            total = float(w.sum())
+            if abs(total) < 1e-8:
+                if semantics == "paper":
+                    raise ParameterError("weight: the weights sum to 0, cannot normalize (set normalize=False)")
+                total = 1.0  # mergekit leaves the sum undivided
+            out.div_(total)
+        return out
+    if semantics == "paper":
+        signs = elect_sign(deltas, consensus)
+        agree = agreement(deltas, signs)
+        out = (weighted * agree).sum(dim=0)
+        return out.div_(agree.sum(dim=0).clamp_(min=1)) if normalize else out
+    # mergekit: weighted vote, ties go to +1, divisor = sum of agreeing weights
+    if consensus not in CONSENSUS and consensus != "sum":
+        raise ParameterError(f"consensus must be one of {CONSENSUS}, got {consensus!r}")
+    vote = weighted.sum(dim=0) if consensus in ("mass", "sum") else weighted.sign().sum(dim=0)
+    signs = vote.sign_()
+    signs[signs == 0] = 1.0
+    agree = (weighted.sign() == signs).to(deltas.dtype)
+    out = (weighted * agree).sum(dim=0)
+    if normalize:
+        divisor = (w * agree).sum(dim=0)
+        divisor[divisor == 0] = 1.0
+        out.div_(divisor)
+    return out
