@@ -1,0 +1,247 @@
+"""taskvec vs mergekit 0.1.5 vs the I/O floor, on the same synthetic checkpoints, in one run.
+
+    python benchmarks/run_bench.py --size 270m            # iterate
+    python benchmarks/run_bench.py --size 1.1b            # the reference size
+
+For each method (linear, task_arithmetic, ties, dare_ties, slerp) the same
+YAML config (benchmarks/configs/bench_*.yml, `$WORK` filled in) is run by
+`mergekit-yaml` (from a separate venv, --mergekit) and by `taskvec merge`,
+interleaved — the order alternates per method — so both see the same machine
+load. The I/O floor (benchmarks/io_floor.py) reads every input tensor, adds
+them, and writes the result with taskvec's writer: no merge can be faster.
+
+Measured per run: wall time of the whole command (imports included, as a user
+sees it) and peak anonymous memory of the process tree, sampled every 20 ms
+from /proc/PID/status `RssAnon` (max RSS would count the mmapped input pages,
+which are page cache, not memory the merge needs). Where the semantics
+coincide (linear, task_arithmetic, slerp), the outputs are compared tensor by
+tensor. Writes a markdown table to benchmarks/results/bench_SIZE.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from string import Template
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
+PARITY_METHODS = ("linear", "task_arithmetic", "slerp")  # same semantics in both tools
+
+
+# ------------------------------------------------------------------ measuring
+
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                out += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return out
+
+
+def tree_anon_bytes(pid: int) -> int:
+    """Sum of RssAnon over a process and all its descendants."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            continue
+        stack += _children(p)
+    return total
+
+
+def run_measured(cmd: list[str], log: Path, env: dict | None = None, interval: float = 0.02) -> dict:
+    """Run `cmd`; return wall seconds, peak anonymous bytes of its process tree, exit code."""
+    with open(log, "wb") as fh:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, tree_anon_bytes(proc.pid))
+            time.sleep(interval)
+        wall = time.perf_counter() - t0
+    return {"wall": wall, "peak_anon": peak, "rc": proc.returncode}
+
+
+# ------------------------------------------------------------------ comparing
+
+def compare_outputs(a: Path, b: Path) -> dict:
+    """Max |a - b| over all tensors, and the fraction of elements differing by more than 1 bf16 ulp."""
+    import torch
+
+    from taskvec.io import open_source
+
+    sa, sb = open_source(a), open_source(b)
+    if set(sa.keys()) != set(sb.keys()):
+        return {"same_keys": False}
+    max_abs, beyond_ulp, n = 0.0, 0, 0
+    for k in sa.keys():
+        x, y = sa.get(k).float(), sb.get(k).float()
+        d = (x - y).abs()
+        max_abs = max(max_abs, float(d.max()) if d.numel() else 0.0)
+        # one bf16 ulp at the larger magnitude: 2^(floor(log2|v|) - 7)
+        ulp = torch.exp2(torch.floor(torch.log2(torch.maximum(x.abs(), y.abs()).clamp_min(1e-30))) - 7)
+        beyond_ulp += int((d > ulp * 1.0001).sum())
+        n += d.numel()
+    return {"same_keys": True, "max_abs": max_abs, "frac_beyond_1ulp": beyond_ulp / max(n, 1)}
+
+
+# ------------------------------------------------------------------ running
+
+def write_configs(work: Path, models: dict[str, Path]) -> dict[str, Path]:
+    cfg_dir = work / "configs"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    layers = json.loads((models["base"] / "config.json").read_text())["num_hidden_layers"]
+    out = {}
+    for m in METHODS:
+        text = Template((HERE / "configs" / f"bench_{m}.yml").read_text()).substitute(
+            WORK=str(models["base"].parent), LAYERS=layers)
+        out[m] = cfg_dir / f"{m}.yml"
+        out[m].write_text(text)
+    return out
+
+
+def fmt_s(x: float) -> str:
+    return f"{x:.1f}"
+
+
+def fmt_gb(x: int) -> str:
+    return f"{x / 2**30:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="270m", help="270m, 1.1b or tiny (see make_checkpoints.py)")
+    ap.add_argument("--work", default=str(HERE / "work"), help="where checkpoints and outputs go (gitignored)")
+    ap.add_argument("--mergekit", default="/tmp/venv-bench/bin/mergekit-yaml", help="mergekit-yaml of mergekit 0.1.5")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--no-mergekit", action="store_true", help="taskvec and floor only")
+    ap.add_argument("--results", default=str(HERE / "results"))
+    ap.add_argument("--tag", default="", help="suffix for the result file name")
+    args = ap.parse_args(argv)
+
+    sys.path.insert(0, str(HERE))
+    from make_checkpoints import make_checkpoints
+
+    work = Path(args.work) / args.size
+    t0 = time.perf_counter()
+    models = make_checkpoints(args.size, work)
+    print(f"checkpoints ready in {time.perf_counter() - t0:.0f} s: {work}", flush=True)
+    configs = write_configs(work, models)
+    outs = work / "outputs"
+    shutil.rmtree(outs, ignore_errors=True)
+    outs.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TASKVEC_NO_PROGRESS": "1",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    mk_env = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+
+    def taskvec_cmd(cfg: Path, out: Path) -> list[str]:
+        return [sys.executable, "-m", "taskvec.cli", "merge", str(cfg), str(out), "--no-progress"]
+
+    def mergekit_cmd(cfg: Path, out: Path) -> list[str]:
+        return [args.mergekit, str(cfg), str(out), "--no-copy-tokenizer", "--quiet"]
+
+    # The floor first: it also brings the inputs into the page cache for everyone after it.
+    floor_cmd = [sys.executable, str(HERE / "io_floor.py"), *(str(models[n]) for n in ("base", "ft1", "ft2", "ft3"))]
+    subprocess.run(floor_cmd + [str(outs / "floor-warmup")], check=True, env=env, cwd=REPO, capture_output=True)
+    shutil.rmtree(outs / "floor-warmup")
+    floor = run_measured(floor_cmd + [str(outs / "floor")], logs / "floor.log", env)
+    if floor["rc"]:
+        raise SystemExit(f"floor failed, see {logs / 'floor.log'}")
+    shutil.rmtree(outs / "floor")
+    print(f"floor: {floor['wall']:.1f} s, {fmt_gb(floor['peak_anon'])} GiB anon", flush=True)
+
+    rows = []
+    for i, method in enumerate(args.methods.split(",")):
+        runs = {}
+        order = ["mergekit", "taskvec"] if i % 2 == 0 else ["taskvec", "mergekit"]
+        if args.no_mergekit:
+            order = ["taskvec"]
+        for tool in order:
+            out = outs / f"{tool}-{method}"
+            cmd = taskvec_cmd(configs[method], out) if tool == "taskvec" else mergekit_cmd(configs[method], out)
+            r = run_measured(cmd, logs / f"{tool}-{method}.log", env if tool == "taskvec" else mk_env)
+            if r["rc"]:
+                tail = (logs / f"{tool}-{method}.log").read_text(errors="replace")[-2000:]
+                raise SystemExit(f"{tool} {method} failed (rc {r['rc']}):\n{tail}")
+            runs[tool] = r
+            print(f"{method:16s} {tool:8s} {r['wall']:7.1f} s  {fmt_gb(r['peak_anon'])} GiB anon", flush=True)
+        parity = None
+        if not args.no_mergekit and method in PARITY_METHODS:
+            parity = compare_outputs(outs / f"taskvec-{method}", outs / f"mergekit-{method}")
+        for tool in order:
+            shutil.rmtree(outs / f"{tool}-{method}", ignore_errors=True)
+        rows.append((method, runs, parity))
+
+    lines = [
+        f"# taskvec vs mergekit 0.1.5 — {args.size} synthetic Llama-shaped bf16 checkpoints",
+        "",
+        f"Base + 3 fine-tunes ({_describe(models['base'])}), generated by `benchmarks/make_checkpoints.py`; "
+        f"configs `benchmarks/configs/bench_*.yml`; run by `benchmarks/run_bench.py --size {args.size}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}.",
+        "",
+        "Wall time is the whole command (interpreter start and imports included); peak anon = peak of the summed "
+        "`RssAnon` of the process tree sampled every 20 ms (mmapped inputs are page cache, not counted). "
+        "I/O floor: read every input tensor, add them, write (taskvec's writer).",
+        "",
+        f"I/O floor: **{floor['wall']:.1f} s**, {fmt_gb(floor['peak_anon'])} GiB peak anon.",
+        "",
+        "| method | mergekit s | taskvec s | taskvec/mergekit | taskvec/floor | mergekit GiB | taskvec GiB | parity (max abs diff; share > 1 bf16 ulp) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for method, runs, parity in rows:
+        tv, mk = runs["taskvec"], runs.get("mergekit")
+        par = "—"
+        if parity is not None:
+            par = ("keys differ" if not parity["same_keys"]
+                   else f"{parity['max_abs']:.2e}; {parity['frac_beyond_1ulp']:.2%}")
+        ratio = f"{tv['wall'] / mk['wall']:.2f}" if mk else "—"
+        lines.append(f"| {method} | {fmt_s(mk['wall']) if mk else '—'} | {fmt_s(tv['wall'])} | {ratio} | "
+                     f"{tv['wall'] / floor['wall']:.2f} | {fmt_gb(mk['peak_anon']) if mk else '—'} | "
+                     f"{fmt_gb(tv['peak_anon'])} | {par} |")
+    lines += [
+        "",
+        "Caveat: the machine's cores are shared with other jobs, so timings are noisy; each method's two runs are "
+        "back to back (order alternating) so they see similar load. Rerun to gauge the spread.",
+    ]
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"bench_{args.size}{args.tag}.md"
+    path.write_text("\n".join(lines) + "\n")
+    (results / f"bench_{args.size}{args.tag}.json").write_text(json.dumps(
+        {"floor": floor, "rows": [{"method": m, "runs": r, "parity": p} for m, r, p in rows]}, indent=2))
+    print("\n".join(lines))
+    print(f"\nwrote {path}")
+    return 0
+
+
+def _describe(model_dir: Path) -> str:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    idx = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    n = idx["metadata"]["total_size"] / 2
+    return (f"{n / 1e9:.2f} B parameters each, {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
+            f"{idx['metadata']['total_size'] / 2**30:.2f} GiB per checkpoint")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
