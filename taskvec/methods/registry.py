@@ -119,6 +119,13 @@ def resolve_value(v: Any, name: str) -> Any:
     return v
 
 
+@dataclass(frozen=True)
+class _Shared:
+    """A per-model parameter given as one callable / lookup for every model."""
+
+    value: Any
+
+
 Kernel = Callable[[torch.Tensor | None, list, str, dict], torch.Tensor]
 
 
@@ -201,13 +208,23 @@ class MergeMethod:
                 out[spec.name] = [spec.default] * n_models if spec.per_model else spec.default
         return out
 
+    @staticmethod
+    def _resolve_shared(spec: Param, value: Any, name: str, n: int) -> list:
+        """One callable/lookup for all models: it may answer one value (shared) or a list, one per model."""
+        v = resolve_value(value, name)
+        if isinstance(v, (list, tuple)):
+            if len(v) != n:
+                raise ParameterError(f"{spec.name} (tensor {name!r}): got {len(v)} values for {n} models")
+            return [spec.check(x, f" (model {i}, tensor {name!r})") for i, x in enumerate(v)]
+        return [spec.check(v, f" (tensor {name!r})")] * n
+
     def _check_form(self, spec: Param, value: Any, n: int) -> Any:
         if spec.per_model:
             if isinstance(value, (list, tuple)):
                 if len(value) != n:
                     raise ParameterError(f"{spec.name}: got {len(value)} values for {n} models")
                 return [v if _is_deferred(v) else spec.check(v, f" (model {i})") for i, v in enumerate(value)]
-            return [value] * n if _is_deferred(value) else [spec.check(value)] * n
+            return _Shared(value) if _is_deferred(value) else [spec.check(value)] * n
         if _is_deferred(value):
             return value
         if isinstance(value, (list, tuple)):
@@ -217,13 +234,15 @@ class MergeMethod:
             )
         return spec.check(value)
 
-    def resolve(self, checked: dict[str, Any], name: str) -> dict[str, Any]:
+    def resolve(self, checked: dict[str, Any], name: str, n_models: int) -> dict[str, Any]:
         """Concrete, validated values for tensor `name` from `check_params` output."""
         out = {}
         for spec in self.params:
             v = checked[spec.name]
             where = f" (tensor {name!r})"
-            if spec.per_model:
+            if spec.per_model and isinstance(v, _Shared):
+                out[spec.name] = self._resolve_shared(spec, v.value, name, n_models)
+            elif spec.per_model:
                 out[spec.name] = [
                     spec.check(resolve_value(x, name), f" (model {i}, tensor {name!r})") if _is_deferred(x) else x
                     for i, x in enumerate(v)
@@ -247,7 +266,7 @@ class MergeMethod:
             ref = base if base is not None else tensors[0]
             if t.shape != ref.shape:
                 raise ParameterError(f"tensor {name!r}: model {i} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
-        p = self.resolve(checked, name)
+        p = self.resolve(checked, name, len(tensors))
         b = None if base is None else base.to(torch.float32)
         ts = [t.to(torch.float32) for t in tensors]
         out = self.kernel(b, ts, name, p)
