@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import torch
 
+from taskvec._memory import release_freed_tensors_promptly
 from taskvec.errors import CheckpointError, KeyMismatchError
 from taskvec.io.base import Source, TensorMeta
 from taskvec.io.safetensors_format import element_size, read_header
@@ -219,6 +220,7 @@ def download_from_hub(repo_id: str, revision: str | None = None) -> Path:
 
 def open_source(x: Any, *, base: Any = None, name: str | None = None) -> Source:
     """Turn anything that names or holds a checkpoint into a `Source`."""
+    release_freed_tensors_promptly()  # every streaming pass starts by opening a checkpoint
     if isinstance(x, Source):
         return x
     if isinstance(x, torch.nn.Module):
