@@ -32,9 +32,7 @@ boolean).
 from __future__ import annotations
 
 import difflib
-import math
 import os
-import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -137,7 +135,6 @@ NO_EFFECT = {
 }
 DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "float16": "float16", "fp16": "float16",
           "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64"}
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 
 # ---------------------------------------------------------------- parsing
@@ -379,12 +376,6 @@ def is_constant(setting: Setting) -> bool:
     return True
 
 
-def layer_index(tensor_name: str) -> int | None:
-    """The transformer block a tensor belongs to (`model.layers.7.mlp...` -> 7), None outside the stack."""
-    m = _LAYER_RE.search(tensor_name)
-    return int(m.group(1)) if m else None
-
-
 # ---------------------------------------------------------------- methods
 
 def _registry():
@@ -484,9 +475,9 @@ class CompiledMerge:
 
 
 def _num_layers(source) -> int:
-    idx = {layer_index(k) for k in source.keys()}
-    idx.discard(None)
-    return max(idx) + 1 if idx else 0
+    from taskvec.merging import num_layers
+
+    return num_layers(source)
 
 
 def _model_path(ref: str, config_path: Path | None) -> str:
@@ -532,11 +523,6 @@ def _remapped_source(name: str, mapping: Mapping[str, tuple[Any, str]], model_di
     return s
 
 
-def _rename_layer(tensor_name: str, new_index: int) -> str:
-    m = _LAYER_RE.search(tensor_name)
-    return tensor_name[: m.start(1)] + str(new_index) + tensor_name[m.end(1):]
-
-
 def _is_pre_weight(tensor_name: str) -> bool:
     """Outside the layer stack, before it (embeddings) vs after it (final norm, LM head)."""
     return "embed" in tensor_name or tensor_name.split(".")[-2] in ("wte", "wpe")
@@ -567,6 +553,8 @@ def _lookup(name: str, scopes: Sequence[Mapping[str, Setting]], tensor_name: str
 
 def compile_config(cfg: MergeConfig, opened: Mapping[str, Any]) -> CompiledMerge:
     """Turn a parsed config and its opened models into sources + per-tensor parameters for the executor."""
+    from taskvec.merging import layer_index, renumber_layer
+
     where = str(cfg.path) if cfg.path else "config"
     slices = _as_slices(cfg, opened, where)
     for i, s in enumerate(slices):
@@ -584,8 +572,15 @@ def compile_config(cfg: MergeConfig, opened: Mapping[str, Any]) -> CompiledMerge
                 raise _fail(f"{where}: slices[{i}]", f"passthrough takes one source per slice, got {len(s.sources)}")
             if s.sources[0].parameters or s.parameters or cfg.parameters:
                 raise _fail(f"{where}: slices[{i}]", "passthrough parameters (`scale`) are not supported")
-        return CompiledMerge("passthrough", None, [], {}, total_layers,
-                             passthrough_slices=[(opened[s.sources[0].model], s.sources[0].layer_range) for s in slices])
+        pieces = [(opened[s.sources[0].model], s.sources[0].layer_range) for s in slices]
+        first, last = pieces[0][0], pieces[-1][0]
+        if last is not first:
+            # mergekit takes the embeddings from the first slice's model but the final norm and LM head from the
+            # last slice's: present the first model with those swapped in.
+            post = {k for k in first.keys() if layer_index(k) is None and not _is_pre_weight(k) and k in last}
+            mapping = {k: (last if k in post else first, k) for k in first.keys()}
+            pieces[0] = (_remapped_source(first.name, mapping, first.model_dir), pieces[0][1])
+        return CompiledMerge("passthrough", None, [], {}, total_layers, passthrough_slices=pieces)
 
     needs_base = _uses_base(cfg.merge_method)
     # Split every slice into its base source and the others, in order: position j = the j-th non-base source.
@@ -626,12 +621,12 @@ def compile_config(cfg: MergeConfig, opened: Mapping[str, Any]) -> CompiledMerge
         return offset / (n - 1) if n > 1 else 1.0
 
     def input_name(src: SliceSource, out_name: str, offset: int | None) -> str:
-        return out_name if offset is None else _rename_layer(out_name, src.layer_range[0] + offset)
+        return out_name if offset is None else renumber_layer(out_name, src.layer_range[0] + offset)
 
     identity = (len(slices) == 1 and all(src.layer_range == (0, _num_layers(opened[src.model]))
                                          for src in slices[0].sources))
     out_names = [n for n in ref_src.keys() if layer_index(n) is None] + [
-        _rename_layer(n, out_l) for out_l, (k, off) in enumerate(layer_slice)
+        renumber_layer(n, out_l) for out_l, (k, off) in enumerate(layer_slice)
         for n in _layer_keys(ref_src, (bases[k] or others[k][0]).layer_range[0] + off)
     ] if not identity else list(ref_src.keys())
 
@@ -692,6 +687,8 @@ def _fallback(method: str, name: str, what: str, where: str):
 
 
 def _layer_keys(source, index: int) -> list[str]:
+    from taskvec.merging import layer_index
+
     return [k for k in source.keys() if layer_index(k) == index]
 
 
@@ -760,7 +757,8 @@ def _execute(plan: CompiledMerge, out: Path, *, dtype, device, seed, progress, m
     from taskvec import merging
 
     if plan.method == "passthrough":
-        merging.passthrough(slices=plan.passthrough_slices, out=out, dtype=dtype, max_shard_size=max_shard_size)
+        merging.passthrough(slices=plan.passthrough_slices, out=out, dtype=dtype, max_shard_size=max_shard_size,
+                            progress=progress)
         return
     params = dict(plan.params)
     if "semantics" in _registry().get_method(plan.method).param_names:

@@ -23,7 +23,6 @@ from taskvec.config import (
     compile_config,
     evaluate_setting,
     is_constant,
-    layer_index,
     open_models,
     parse_config,
     run_config,
@@ -200,12 +199,9 @@ def test_non_numeric_lists_select_and_numeric_strings_are_numbers():
     assert evaluate_setting("1e-3", "x") == pytest.approx(1e-3)
 
 
-def test_is_constant_and_layer_index():
+def test_is_constant():
     assert is_constant(0.5) and is_constant((Conditional(0.5),)) and is_constant((0.3, 0.3))
     assert not is_constant(GRADIENT) and not is_constant((Conditional(0.5, "mlp"),))
-    assert layer_index("model.layers.17.mlp.up_proj.weight") == 17
-    assert layer_index("transformer.h.3.attn.c_attn.weight") == 3
-    assert layer_index("model.embed_tokens.weight") is None
 
 
 # ------------------------------------------------------------------ plans
