@@ -1,0 +1,122 @@
+"""`taskvec analyze BASE FT1 [FT2 ...] --out DIR`: profile, cosine matrix, sign conflicts -> CSVs + figures."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from taskvec.errors import OutputError, ParameterError, TaskVecError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="taskvec analyze",
+        description="Profile the task vectors tau_i = FT_i - BASE: sparsity and magnitudes, pairwise cosine "
+                    "similarity (overall, per layer, per module type) and TIES sign conflicts. Writes tidy CSVs, "
+                    "PNG + SVG figures and summary.txt into --out (atomically).",
+    )
+    p.add_argument("base", metavar="BASE", help="base model: HF folder, safetensors file/folder, .bin/.pt, or hub id")
+    p.add_argument("finetuned", metavar="FT", nargs="+", help="fine-tuned model(s) of the same architecture")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--names", nargs="+", help="one short label per fine-tuned model (default: folder names)")
+    p.add_argument("--density", type=float, default=0.2, help="TIES trim density k for sign conflicts (default 0.2)")
+    p.add_argument("--scope", choices=("tensor", "global"), default="tensor",
+                   help="trim scope: top-k per tensor (mergekit, default) or over the whole vector (TIES paper)")
+    p.add_argument("--curve", action="store_true", help="also compute sign conflicts vs density (one more pass)")
+    p.add_argument("--eps", type=float, default=1e-6, help="|tau| <= eps counts as ~zero in the profile (default 1e-6)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-figures", action="store_true", help="write CSVs and summary only")
+    return p
+
+
+def _label(path: str) -> str:
+    p = Path(path.rstrip("/"))
+    return p.stem if p.suffix == ".safetensors" else p.name or path
+
+
+def run(args: argparse.Namespace) -> Path:
+    from taskvec.analysis import conflict_vs_density, cosine_matrix, profile, sign_conflicts
+    from taskvec.io import check_output_path, open_source
+    from taskvec.vector import TaskVector
+    from taskvec.viz import save_figure
+
+    names = args.names or [_label(f) for f in args.finetuned]
+    if len(names) != len(args.finetuned):
+        raise ParameterError(f"--names: got {len(names)} names for {len(args.finetuned)} fine-tuned models")
+    if not (0.0 < args.density <= 1.0):
+        raise ParameterError(f"--density must be in (0, 1], got {args.density}")
+    base = open_source(args.base)
+    finetuned = [open_source(f) for f in args.finetuned]
+    out = check_output_path(args.out, [base, *finetuned], overwrite=args.overwrite)
+    # One base Source shared by every vector: each base tensor is read once per pass.
+    tvs = {n: TaskVector.from_models(base, ft) for n, ft in zip(names, finetuned)}
+
+    tmp = out.parent / f".{out.name}.analyze-tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.analyze-old-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise OutputError(f"{out}: can't create the output folder: {e}") from e
+    try:
+        summary: list[str] = [f"base: {base.name}"] + [f"{n}: {ft.name}" for n, ft in zip(names, finetuned)] + [""]
+        figures: list[tuple[object, str]] = []
+
+        prof = profile(tvs, eps=args.eps)
+        prof.to_csv(tmp)
+        summary += ["## profile"] + prof.summary() + [""]
+        figures.append((prof.plot(), "profile"))
+
+        if len(tvs) >= 2:
+            cos = cosine_matrix(tvs)
+            cos.to_csv(tmp)
+            summary += ["## cosine similarity"] + cos.summary() + [""]
+            figures += [(cos.plot(None), "cosine"), (cos.plot("layer"), "cosine-by-layer"), (cos.plot("module"), "cosine-by-module")]
+
+            conf = sign_conflicts(tvs, density=args.density, scope=args.scope)
+            conf.to_csv(tmp)
+            summary += ["## sign conflicts"] + conf.summary() + [""]
+            figures += [(conf.plot("layer_module"), "conflicts-layer-module"), (conf.plot("layers"), "conflicts-by-layer")]
+            if args.curve:
+                curve = conflict_vs_density(tvs, scope=args.scope)
+                curve.to_csv(tmp)
+                summary += curve.summary() + [""]
+                figures.append((curve.plot(), "conflicts-vs-density"))
+        else:
+            summary += ["(one task vector: cosine matrix and sign conflicts need at least two)"]
+
+        if not args.no_figures:
+            for fig, name in figures:
+                save_figure(fig, name, tmp)
+        (tmp / "summary.txt").write_text("\n".join(summary) + "\n")
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            old.rename(out)  # put the previous results back
+        raise
+    with contextlib.suppress(OSError):
+        shutil.rmtree(old)
+    print("\n".join(summary))
+    print(f"wrote {out}")
+    return out
+
+
+def main(argv: list[str]) -> int:
+    """Exit codes: 0 success, 1 a clear error (named file/key/parameter), 2 bad usage."""
+    args = _parser().parse_args(argv)
+    try:
+        run(args)
+    except TaskVecError as e:
+        print(f"taskvec analyze: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
