@@ -274,6 +274,23 @@ def test_dare_sweep_calls_eval_fn_with_base_plus_dropped_delta():
     assert isinstance(sweep.data["mean"].iloc[0], float)
 
 
+def test_lambda_and_density_sweeps_call_merge_per_grid_point():
+    from taskvec.analysis import density_sweep, lambda_sweep
+
+    base = {L0: torch.zeros(4)}
+    models = [{L0: torch.tensor([1.0, 0.0, 0.0, 0.0])}, {L0: torch.tensor([0.0, 2.0, 0.0, -0.5])}]
+    calls = []
+    sweep = lambda_sweep(base, models, lambdas=(0.0, 0.5, 1.0), eval_fn=lambda sd: calls.append(sd) or {"x1": float(sd[L0][1])})
+    assert list(sweep.data["lambda"]) == [0.0, 0.5, 1.0]
+    assert list(sweep.data["x1"]) == pytest.approx([0.0, 1.0, 2.0])  # theta_0 + lambda (tau_1 + tau_2)
+    assert sweep.data["merged_norm"].iloc[2] == pytest.approx(math.sqrt(1 + 4 + 0.25))
+    assert sweep.data["cos_merged_to_model 1"].iloc[2] == pytest.approx(1 / math.sqrt(5.25))
+    assert len(calls) == 3 and sweep.metrics == ["x1"]
+    dens = density_sweep(base, models, densities=(0.25, 1.0), method="ties", eval_fn=None)
+    # k = 0.25 keeps one entry per model: tau_1 -> (1,0,0,0), tau_2 -> (0,2,0,0)
+    assert dens.data.set_index("density").loc[0.25, "merged_norm"] == pytest.approx(math.sqrt(5))
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_mismatched_vectors_are_clear_errors():
     with pytest.raises(KeyMismatchError, match="b"):

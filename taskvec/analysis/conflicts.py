@@ -261,7 +261,7 @@ class ConflictCurve(AnalysisResult):
             if by_module:
                 d = self.by_module.assign(pct=lambda t: t["frac_conflict_after"] * 100)
                 lines(ax, d, x="density", y="pct", hue="module", title="Sign conflicts vs trim density, per module type",
-                      xlabel="density k (fraction of |tau| kept)", ylabel="parameters with conflicting signs (%)", logx=True,
+                      xlabel=r"density $k$ (fraction of $|\tau|$ kept)", ylabel="parameters with conflicting signs (%)", logx=True,
                       legend_title="module", hue_order=[m for m in MODULE_TYPES if m in set(d["module"])])
             else:
                 c = self.curve
@@ -270,7 +270,7 @@ class ConflictCurve(AnalysisResult):
                     pd.DataFrame({"density": c["density"], "pct": c["conflict_given_overlap_after"] * 100, "measure": "conflicting (% of parameters >= 2 tasks keep)"}),
                 ])
                 lines(ax, long, x="density", y="pct", hue="measure", logx=True,
-                      title="Sign conflicts vs TIES trim density", xlabel="density k (fraction of |tau| kept)",
+                      title="Sign conflicts vs TIES trim density", xlabel=r"density $k$ (fraction of $|\tau|$ kept)",
                       ylabel="percent", legend_title="")
             scope = "per tensor" if self.scope == "tensor" else "over the whole vector"
             ax.text(0.99, 0.02, f"top-k {scope}; {len(self.task_names)} task vectors", transform=ax.transAxes, ha="right", va="bottom", fontsize=8.5, color="0.35")

@@ -151,7 +151,7 @@ class CosineMatrix(AnalysisResult):
                 size = 1.5 + 0.95 * n
                 fig, ax = new_figure(figsize=(size + 1.6, size))
                 heatmap(ax, m, title="Cosine similarity between task vectors", xlabel="task vector", ylabel="task vector",
-                        cbar_label="cos(tau_i, tau_j)", diverging=True, vmax=lim, fmt=".3f" if lim < 0.1 else ".2f")
+                        cbar_label=r"$\cos(\tau_i, \tau_j)$", diverging=True, vmax=lim, fmt=".3f" if lim < 0.1 else ".2f")
             else:
                 p = self.pairs(by)
                 col = "group" if callable(by) else str(by)

@@ -239,7 +239,7 @@ class Profile(AnalysisResult):
         ax.text(DARE_DELTA_LIMIT, 0.98, " 0.005 (DARE limit)", transform=ax.get_xaxis_transform(), va="top", fontsize=8.5, color="0.3")
         ax.set_ylim(bottom=0)
         ax.set_title("Magnitude of task-vector entries")
-        ax.set_xlabel("|tau| (log scale, 20 bins per decade)")
+        ax.set_xlabel(r"$|\tau|$ (log scale, 20 bins per decade)")
         ax.set_ylabel("fraction of entries per bin")
         if len(self.task_names) > 1:
             ax.legend(title="task vector")
@@ -256,12 +256,12 @@ class Profile(AnalysisResult):
         lay["x"] = lay["layer"].cat.codes
         hue_order = self.task_names if hue else None
         lines(ax_norm, lay, x="x", y="norm", hue=hue, title="Task-vector norm per layer", xlabel="layer",
-              ylabel="||tau|| within layer", legend_title="task vector", hue_order=hue_order)
+              ylabel=r"$\|\tau\|$ within layer", legend_title="task vector", hue_order=hue_order)
         _layer_ticks(ax_norm, order)
         if ax_top is not None:
             f = self.topk[min(1, len(self.topk) - 1)]
             col = f"top_{_pct(f)}_share"
-            lines(ax_top, lay, x="x", y=col, hue=hue, title=f"Share of ||tau||^2 in the top {f:.0%} of entries (per tensor)",
+            lines(ax_top, lay, x="x", y=col, hue=hue, title=f"Share of $\\|\\tau\\|^2$ in the top {f:.0%} of entries (per tensor)",
                   xlabel="layer", ylabel="share of squared norm", legend_title="task vector", hue_order=hue_order)
             ax_top.set_ylim(0, 1.02)
             _layer_ticks(ax_top, order)

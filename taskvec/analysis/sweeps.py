@@ -8,6 +8,7 @@ DataFrame: the swept parameter(s), weight-space statistics, and the metrics.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -84,7 +85,7 @@ class Sweep(AnalysisResult):
             d = self.data.copy()
             if self.hue:
                 d[self.hue] = d[self.hue].map(_hue_label(self.hue))
-            lines(ax, d, x=self.x, y=metric, hue=self.hue, title=f"{self.title}: {_label(metric)}",
+            lines(ax, d, x=self.x, y=metric, hue=self.hue, style=self.hue, title=f"{self.title}: {_label(metric)}",
                   xlabel=_label(self.x), ylabel=_label(metric), logx=logx, legend_title="")
             styles = ["--", ":", "-."]
             for i, (name, vals) in enumerate(self.reference.items()):
@@ -104,14 +105,14 @@ def _default_stat(df: pd.DataFrame) -> str:
 
 _LABELS = {
     "drop_rate": "drop rate p (fraction of delta entries zeroed)",
-    "norm_ratio": "||tau~|| / ||tau||",
-    "rel_norm_error": "relative error of ||tau~||",
-    "cosine_to_tau": "cos(tau~, tau)",
-    "rel_l2_error": "||tau~ - tau|| / ||tau||",
+    "norm_ratio": r"$\|\tilde\tau\| \,/\, \|\tau\|$",
+    "rel_norm_error": r"relative error of $\|\tilde\tau\|$",
+    "cosine_to_tau": r"$\cos(\tilde\tau, \tau)$",
+    "rel_l2_error": r"$\|\tilde\tau - \tau\| \,/\, \|\tau\|$",
     "frac_kept": "fraction of non-zero deltas kept",
-    "lambda": "scaling coefficient lambda",
-    "density": "density k (fraction of |tau| kept)",
-    "merged_norm": "||theta_merged - theta_base||",
+    "lambda": r"scaling coefficient $\lambda$",
+    "density": r"density $k$ (fraction of $|\tau|$ kept)",
+    "merged_norm": r"$\|\theta_{merged} - \theta_{base}\|$",
 }
 
 
@@ -255,7 +256,9 @@ def merge_sweep(
     if weight_stats:
         from taskvec.vector import TaskVector
 
-        tvs, tv_names = named_task_vectors([TaskVector.from_models(src, m) for m in models])
+        labels = [os.path.basename(str(m).rstrip("/")) if isinstance(m, (str, os.PathLike)) else f"model {i + 1}"
+                  for i, m in enumerate(models)]
+        tvs, tv_names = named_task_vectors([TaskVector.from_models(src, m) for m in models], labels)
     rows = []
     for v in progress(values, desc=f"{method} sweep over {param}", total=len(values)):
         merged = merge(src, list(models), method=method, **{param: v}, **params)
@@ -290,7 +293,7 @@ def _merged_delta_stats(src, merged: dict[str, torch.Tensor], tvs, names) -> dic
 
 
 def lambda_sweep(base, models, lambdas: Sequence[float] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), *, method: str = "task_arithmetic",
-                 eval_fn: EvalFn | None = None, param: str = "lambda_", **params) -> Sweep:
+                 eval_fn: EvalFn | None = None, param: str = "lambda", **params) -> Sweep:
     """Sweep the scaling coefficient lambda of `method` (task arithmetic: theta = theta_0 + lambda sum tau_i)."""
     s = merge_sweep(base, models, method=method, param=param, values=lambdas, eval_fn=eval_fn,
                     title=f"{method}: lambda sweep", **params)

@@ -7,6 +7,7 @@ what it shows.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -61,22 +62,25 @@ def heatmap(
         center, cmap = None, cmap or SEQUENTIAL_CMAP
     n_rows, n_cols = data.shape
     font = 10 if max(n_rows, n_cols) <= 6 else 8.5 if max(n_rows, n_cols) <= 10 else 7
-    sns.heatmap(
-        data.astype(float),
-        ax=ax,
-        cmap=cmap,
-        center=center,
-        vmin=vmin,
-        vmax=vmax,
-        annot=annot,
-        fmt=fmt,
-        annot_kws={"fontsize": font},
-        linewidths=0.5 if n_rows * n_cols <= 400 else 0,
-        linecolor="white",
-        square=n_rows == n_cols and n_rows <= 16,
-        cbar_kws={"label": cbar_label, "shrink": 0.85},
-        mask=None if np.isfinite(values).all() else ~np.isfinite(values),
-    )
+    with warnings.catch_warnings():
+        # seaborn 0.13 calls Colormap.set_bad, which matplotlib 3.11 flags as pending deprecation
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        sns.heatmap(
+            data.astype(float),
+            ax=ax,
+            cmap=cmap,
+            center=center,
+            vmin=vmin,
+            vmax=vmax,
+            annot=annot,
+            fmt=fmt,
+            annot_kws={"fontsize": font},
+            linewidths=0.5 if n_rows * n_cols <= 400 else 0,
+            linecolor="white",
+            square=n_rows == n_cols and n_rows <= 16,
+            cbar_kws={"label": cbar_label, "shrink": 0.85},
+            mask=None if np.isfinite(values).all() else ~np.isfinite(values),
+        )
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
