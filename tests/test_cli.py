@@ -9,20 +9,13 @@ from pathlib import Path
 import pytest
 
 from taskvec.cli import main
-from tests.test_config import SEED_BASE, SEED_CONFIGS, SEED_FINETUNES, make_seed_models
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cli-hub")
-    make_seed_models(root)
-    return root
+from tests.test_config import SEED_BASE, SEED_CONFIGS, SEED_FINETUNES
+from tests.test_config import seed_models as hub  # noqa: F401  (a fixture: this module gets its own copy)
 
 
 @pytest.fixture(autouse=True)
-def _in_hub(hub, monkeypatch):
+def _in_hub(hub, monkeypatch):  # noqa: F811
     monkeypatch.chdir(hub)
-    monkeypatch.setenv("TASKVEC_NO_PROGRESS", "1")
 
 
 def _hidden(folder: Path) -> list[str]:

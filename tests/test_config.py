@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -27,7 +25,7 @@ from taskvec.config import (
     parse_config,
     run_config,
 )
-from taskvec.errors import CheckpointError, OutputError, ParameterError
+from taskvec.errors import CheckpointError, ParameterError
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = REPO / "benchmarks" / "configs" / "seeds"
@@ -67,11 +65,6 @@ def seed_models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hub")
     make_seed_models(root)
     return root
-
-
-@pytest.fixture(autouse=True)
-def _quiet(monkeypatch):
-    monkeypatch.setenv("TASKVEC_NO_PROGRESS", "1")
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
@@ -283,3 +276,59 @@ def test_missing_model_is_named(tmp_path, monkeypatch):
     cfg = parse_config({"merge_method": "linear", "models": [{"model": "./no/such/model"}]})
     with pytest.raises(CheckpointError, match="model './no/such/model' can't be opened"):
         open_models(cfg)
+
+
+def test_slices_with_a_merge_method_renumber_and_merge_per_slice(seed_models, monkeypatch):
+    """Two output slices, each merging other layers of other models (a frankenmerge with linear)."""
+    monkeypatch.chdir(seed_models)
+    a, b, c = SEED_FINETUNES[:3]
+    cfg = {"merge_method": "linear", "parameters": {"weight": 1.0}, "dtype": "float32",
+           "slices": [{"sources": [{"model": a, "layer_range": [0, 16]}, {"model": b, "layer_range": [0, 16]}]},
+                      {"sources": [{"model": a, "layer_range": [16, 32]}, {"model": c, "layer_range": [8, 24]}]}]}
+    out = run_config(cfg, seed_models / "franken-linear", progress=False)
+    got, ta, tb, tc = (_load(p) for p in (out, seed_models / a, seed_models / b, seed_models / c))
+    assert sorted(got) == sorted(ta)
+
+    def avg(x, y):
+        return (x.float() + y.float()) / 2
+
+    for name in ("self_attn.q_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"):
+        for layer in (0, 15):
+            k = f"model.layers.{layer}.{name}"
+            torch.testing.assert_close(got[k], avg(ta[k], tb[k]), rtol=0, atol=0)
+        for layer in (16, 31):
+            k, kc = f"model.layers.{layer}.{name}", f"model.layers.{layer - 8}.{name}"
+            torch.testing.assert_close(got[k], avg(ta[k], tc[kc]), rtol=0, atol=0)
+    # embeddings come from the first slice's models, the final norm and head from the last slice's (as mergekit)
+    torch.testing.assert_close(got["model.embed_tokens.weight"], avg(ta["model.embed_tokens.weight"],
+                                                                     tb["model.embed_tokens.weight"]), rtol=0, atol=0)
+    torch.testing.assert_close(got["lm_head.weight"], avg(ta["lm_head.weight"], tc["lm_head.weight"]), rtol=0, atol=0)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 32
+
+
+def test_passthrough_stacks_and_renumbers(seed_models, monkeypatch):
+    monkeypatch.chdir(seed_models)
+    out = run_config(SEED_CONFIGS[3], seed_models / "passthrough-9b", progress=False)
+    got, first, second = (_load(p) for p in (out, seed_models / SEED_FINETUNES[0], seed_models / SEED_FINETUNES[1]))
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 40
+    assert torch.equal(got["model.layers.31.mlp.up_proj.weight"], first["model.layers.31.mlp.up_proj.weight"])
+    assert torch.equal(got["model.layers.32.mlp.up_proj.weight"], second["model.layers.24.mlp.up_proj.weight"])
+    assert torch.equal(got["model.layers.39.self_attn.o_proj.weight"], second["model.layers.31.self_attn.o_proj.weight"])
+    assert torch.equal(got["model.embed_tokens.weight"], first["model.embed_tokens.weight"])
+    assert torch.equal(got["model.norm.weight"], second["model.norm.weight"])  # mergekit: from the last slice
+    assert _leftovers(seed_models) == []
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_seed_config_runs_unchanged(seed_models, monkeypatch, index):
+    monkeypatch.chdir(seed_models)
+    cfg = SEED_CONFIGS[index]
+    out = run_config(cfg, seed_models / f"seed-{cfg.stem}", progress=False)
+    merged = _load(out)
+    base = _load(seed_models / SEED_BASE)
+    assert merged.keys() >= base.keys()
+    assert all(torch.isfinite(t.float()).all() for t in merged.values())
+    want = {"bfloat16": torch.bfloat16, "float16": torch.float16}[parse_config(cfg).dtype]
+    assert {t.dtype for t in merged.values()} == {want}
+    assert (out / "README.md").read_text().startswith("---\nbase_model:")
+    assert _leftovers(seed_models) == []
