@@ -7,7 +7,7 @@ The same file you give `mergekit-yaml` runs here unchanged:
 Supported keys (everything else is an error that lists these):
 
 * ``merge_method`` — any method in ``taskvec.methods`` (plus ``passthrough``);
-* ``models:`` — ``- model: PATH`` with optional per-model ``parameters``;
+* ``models:`` — ``- model: PATH`` (or ``PATH+LORA_ADAPTER``) with optional per-model ``parameters``;
 * ``slices:`` — ``- sources: [{model, layer_range: [start, end], parameters}]``
   with optional per-slice ``base_model`` and ``parameters``;
 * ``base_model``, global ``parameters``;
@@ -190,9 +190,6 @@ def _model_ref(x: Any, where: str) -> str:
             x = x.get("path")
     if not isinstance(x, str) or not x.strip():
         raise _fail(where, f"expected a model path or hub id, got {x!r}")
-    if "+" in x:
-        raise _fail(where, f"{x!r}: mergekit's `model+lora` syntax is not supported; apply the LoRA first "
-                           "(taskvec.open_source(adapter_dir) gives the merged model)")
     return x.strip()
 
 
@@ -218,6 +215,8 @@ def parse_config(config: str | os.PathLike | Mapping) -> MergeConfig:
     """Read a mergekit YAML config (a path, YAML text, or an already-loaded dict) into a `MergeConfig`.
 
     Checks the structure and names only; models are opened by `run_config`.
+    A model may be written `MODEL+LORA_ADAPTER` (mergekit's syntax): the model
+    with the LoRA adapter applied.
     """
     import yaml
 
@@ -225,7 +224,8 @@ def parse_config(config: str | os.PathLike | Mapping) -> MergeConfig:
     if isinstance(config, Mapping):
         raw, text = dict(config), yaml.safe_dump(dict(config), sort_keys=False)
     else:
-        if isinstance(config, os.PathLike) or (isinstance(config, str) and "\n" not in config and ":" not in config):
+        looks_like_yaml = isinstance(config, str) and ("\n" in config or ": " in config)
+        if isinstance(config, os.PathLike) or Path(config).is_file() or not looks_like_yaml:
             path = Path(config)
             try:
                 text = path.read_text(encoding="utf-8")
@@ -497,7 +497,13 @@ def open_models(cfg: MergeConfig) -> dict[str, Any]:
     opened = {}
     for ref in cfg.referenced_models():
         try:
-            src = open_source(_model_path(ref, cfg.path), name=ref)
+            path = _model_path(ref, cfg.path)
+            if "+" in ref and not Path(path).exists():  # mergekit's `model+lora`: the model with the adapter applied
+                model, adapter = ref.split("+", 1)
+                base = open_source(_model_path(model, cfg.path), name=model)
+                src = open_source(_model_path(adapter, cfg.path), base=base, name=ref)
+            else:
+                src = open_source(path, name=ref)
             src.keys()  # parse headers now: a truncated shard fails here, before any output
         except TaskVecError as e:
             raise CheckpointError(f"{where}: model {ref!r} can't be opened: {e}") from None

@@ -51,16 +51,16 @@ def test_merge_help_lists_options(capsys):
         assert opt in text
 
 
-def test_ties_seed_with_mergekit_flags(hub, capsys):
-    out = hub / "cli-ties"
-    rc = main(["merge", str(SEED_CONFIGS[1]), str(out), "--copy-tokenizer", "--allow-crimes",
+def test_seed_config_with_mergekit_flags(hub, capsys):
+    out = hub / "cli-marcoro"
+    rc = main(["merge", str(SEED_CONFIGS[4]), str(out), "--copy-tokenizer", "--allow-crimes",
                "--out-shard-size", "1B", "--lazy-unpickle", "--seed", "3"])
     assert rc == 0, capsys.readouterr().err
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "README.md", "mergekit_config.yml", "tokenizer.json",
             "tokenizer_config.json"} <= names
-    assert (out / "mergekit_config.yml").read_text() == SEED_CONFIGS[1].read_text()
-    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"  # the config's dtype
+    assert (out / "mergekit_config.yml").read_text() == SEED_CONFIGS[4].read_text()
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"  # the config's dtype
     assert _hidden(hub) == []
 
 
@@ -73,18 +73,16 @@ def test_small_shards_and_no_tokenizer(hub):
     assert not (out / "tokenizer.json").exists()
 
 
-def test_tokenizer_source_names_the_donor(hub):
-    donor = hub / SEED_FINETUNES[0]
-    (donor / "tokenizer_config.json").write_text('{"donor": true}')
-    try:
-        cfg = _write(hub, "tok.yml", f"models:\n  - model: {SEED_FINETUNES[0]}\n    parameters: {{weight: 1}}\n"
-                                     f"  - model: {SEED_FINETUNES[1]}\n    parameters: {{weight: 1}}\n"
-                                     f"merge_method: linear\ntokenizer_source: {SEED_FINETUNES[0]}\n")
-        out = hub / "cli-tok"
-        assert main(["merge", str(cfg), str(out), "--no-copy-tokenizer"]) == 0
-        assert json.loads((out / "tokenizer_config.json").read_text()) == {"donor": True}
-    finally:
-        (donor / "tokenizer_config.json").unlink()
+def test_tokenizer_comes_from_the_base_or_tokenizer_source(hub):
+    tokenizer_of = lambda out: json.loads((out / "tokenizer_config.json").read_text())["name"]  # noqa: E731
+    assert main(["merge", str(SEED_CONFIGS[4]), str(hub / "cli-tok-base")]) == 0
+    assert tokenizer_of(hub / "cli-tok-base") == "AIDC-ai-business/Marcoroni-7B-v3"  # the base
+    cfg = _write(hub, "tok.yml", f"models:\n  - model: {SEED_FINETUNES[0]}\n    parameters: {{weight: 1}}\n"
+                                 f"  - model: {SEED_FINETUNES[1]}\n    parameters: {{weight: 1}}\n"
+                                 f"merge_method: linear\ntokenizer_source: {SEED_FINETUNES[1]}\n")
+    out = hub / "cli-tok"
+    assert main(["merge", str(cfg), str(out), "--no-copy-tokenizer"]) == 0  # an explicit source wins
+    assert tokenizer_of(out) == SEED_FINETUNES[1]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -121,7 +119,7 @@ def test_failure_during_the_merge_leaves_nothing(hub, capsys, monkeypatch):
 
     monkeypatch.setattr(config, "_finish_folder", broken)  # fails after the tensors were written
     out = hub / "cli-broken"
-    assert main(["merge", str(SEED_CONFIGS[1]), str(out)]) == 1
+    assert main(["merge", str(SEED_CONFIGS[0]), str(out)]) == 1
     assert "disk on fire" in capsys.readouterr().err
     assert not out.exists() and _hidden(hub) == []
 

@@ -50,13 +50,17 @@ def _load_generator():
 
 
 def make_seed_models(root: Path, **overrides) -> dict[str, Path]:
-    """Tiny Llama checkpoints at root/<hub id> for every model the seed configs name; the base has a tokenizer."""
+    """Tiny Llama checkpoints at root/<hub id> for every model the seed configs name.
+
+    Each gets stand-in tokenizer files naming their model, so tests can see whose tokenizer was copied.
+    """
     gen = _load_generator()
     cfg = {**gen.llama_config("tiny"), **TINY_LLAMA, **overrides}
     dirs = {n: root / n for n in [SEED_BASE, *SEED_FINETUNES]}
     gen.write_family(dirs, cfg, seed=1)
-    (dirs[SEED_BASE] / "tokenizer_config.json").write_text('{"model_max_length": 64}')
-    (dirs[SEED_BASE] / "tokenizer.json").write_text('{"version": "1.0"}')
+    for name, d in dirs.items():
+        (d / "tokenizer_config.json").write_text(json.dumps({"name": name}))
+        (d / "tokenizer.json").write_text('{"version": "1.0"}')
     return dirs
 
 
@@ -121,7 +125,6 @@ def test_parse_accepts_text_and_dict_and_lists_referenced_models():
                                                         {"model": "b", "layer_range": [0, 3]}]}]},
      "same number of layers"),
     ({"merge_method": "linear", "slices": [{"sources": [{"model": "a"}]}]}, "layer_range: \\[start, end\\]` is missing"),
-    ({"merge_method": "linear", "models": [{"model": "a+lora"}]}, "model\\+lora"),
     ({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer_source": "union"}, "union"),
     ({"merge_method": "linear", "models": [{"model": "a"}], "modules": {}}, "modules"),
     ({"merge_method": "linear", "models": [{"model": "a"}], "dtype": "bfloat17"}, "unknown dtype 'bfloat17'"),
@@ -332,3 +335,27 @@ def test_seed_config_runs_unchanged(seed_models, monkeypatch, index):
     assert {t.dtype for t in merged.values()} == {want}
     assert (out / "README.md").read_text().startswith("---\nbase_model:")
     assert _leftovers(seed_models) == []
+
+
+def test_model_plus_lora_applies_the_adapter(tmp_path, monkeypatch):
+    """mergekit's `model+adapter` syntax: the model with the LoRA delta B A * alpha / r applied."""
+    import copy
+
+    import peft
+
+    from tests.helpers import save_model, tiny_llama
+
+    monkeypatch.chdir(tmp_path)
+    base = tiny_llama(seed=3)
+    save_model(base, tmp_path / "base")
+    lora = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                                      init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    expected = lora.merge_and_unload().state_dict()
+    cfg = {"merge_method": "linear", "models": [{"model": "base+adapter", "parameters": {"weight": 1.0}}],
+           "dtype": "float32"}
+    got = _load(run_config(cfg, tmp_path / "merged", progress=False))
+    k = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(got[k], base.state_dict()[k])
+    torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["model.layers.1.mlp.up_proj.weight"], base.state_dict()["model.layers.1.mlp.up_proj.weight"])
