@@ -209,6 +209,10 @@ def build(name: str = "minilm-tasks", fast=False, *, tiny: bool = False, cache=N
     if rebuild:
         store.manifest["entries"] = {}
     started = time.time()
+    if os.environ.get("TASKVEC_NO_PROGRESS", "") not in ("", "0"):  # transformers' own load/save bars too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     threads = torch.get_num_threads()
     # one thread: identical weights on every machine whatever its core count (and no oversubscription
     # on shared CPUs); restored afterwards
@@ -285,7 +289,7 @@ def _build_encoder(store: ZooCache, mode: str, seed: int) -> None:
     datasets = {}
     for task in all_tasks:
         key, rel = f"data/{task}", f"data/{task}.json"
-        deps = {"task": task, "seed": seed, "per_class": recipe["per_class"]}
+        deps = {"task": task, "version": zdata.TASK_VERSIONS[task], "seed": seed, "per_class": recipe["per_class"]}
         if _ensure(store, key, deps):
             td = zdata.load_task(task, seed=seed, per_class=recipe["per_class"])
             if task in recipe["control"]:
