@@ -69,6 +69,7 @@ def tree_anon_bytes(pid: int) -> int:
 
 def run_measured(cmd: list[str], log: Path, env: dict | None = None, interval: float = 0.02) -> dict:
     """Run `cmd`; return wall seconds, peak anonymous bytes of its process tree, exit code."""
+    load = os.getloadavg()[0]
     with open(log, "wb") as fh:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -77,7 +78,7 @@ def run_measured(cmd: list[str], log: Path, env: dict | None = None, interval: f
             peak = max(peak, tree_anon_bytes(proc.pid))
             time.sleep(interval)
         wall = time.perf_counter() - t0
-    return {"wall": wall, "peak_anon": peak, "rc": proc.returncode}
+    return {"wall": wall, "peak_anon": peak, "rc": proc.returncode, "load_before": load}
 
 
 # ------------------------------------------------------------------ comparing
@@ -211,12 +212,14 @@ def main(argv: list[str] | None = None) -> int:
         "`RssAnon` of the process tree sampled every 20 ms (mmapped inputs are page cache, not counted). "
         "I/O floor: read every input tensor, add them, write (taskvec's writer).",
         "",
-        f"I/O floor: **{floor['wall']:.1f} s**, {fmt_gb(floor['peak_anon'])} GiB peak anon. Fixed cost of "
+        f"I/O floor: **{floor['wall']:.1f} s**, {fmt_gb(floor['peak_anon'])} GiB peak anon (1-min load average "
+        f"{floor['load_before']:.1f} before it). Fixed cost of "
         "starting each tool (interpreter + imports, included in every wall time): "
         + ", ".join(f"{k} {v:.1f} s" for k, v in startup.items()) + ".",
         "",
-        "| method | mergekit s | taskvec s | taskvec/mergekit | taskvec/floor | mergekit GiB | taskvec GiB | parity (max abs diff; share > 1 bf16 ulp) |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| method | mergekit s | taskvec s | taskvec/mergekit | taskvec/floor | mergekit GiB | taskvec GiB | "
+        "load avg before (mk / tv) | parity (max abs diff; share > 1 bf16 ulp) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for method, runs, parity in rows:
         tv, mk = runs["taskvec"], runs.get("mergekit")
@@ -227,11 +230,13 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{tv['wall'] / mk['wall']:.2f}" if mk else "—"
         lines.append(f"| {method} | {fmt_s(mk['wall']) if mk else '—'} | {fmt_s(tv['wall'])} | {ratio} | "
                      f"{tv['wall'] / floor['wall']:.2f} | {fmt_gb(mk['peak_anon']) if mk else '—'} | "
-                     f"{fmt_gb(tv['peak_anon'])} | {par} |")
+                     f"{fmt_gb(tv['peak_anon'])} | {mk['load_before'] if mk else float('nan'):.1f} / "
+                     f"{tv['load_before']:.1f} | {par} |")
     lines += [
         "",
-        "Caveat: the machine's cores are shared with other jobs, so timings are noisy; each method's two runs are "
-        "back to back (order alternating) so they see similar load. Rerun to gauge the spread.",
+        f"Caveat: the machine's {os.cpu_count()} cores are shared with other jobs (the load average before each run "
+        "is in the table), so timings are noisy; each method's two runs are back to back (order alternating) so "
+        "they see similar load. Rerun to gauge the spread.",
         "",
         "Parity: linear and slerp compute in float32 in both tools. mergekit computes task arithmetic (and TIES, "
         "DARE) in the config's `dtype` — bfloat16 here — while taskvec computes in float32 and rounds once, hence "
