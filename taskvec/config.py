@@ -470,7 +470,6 @@ class CompiledMerge:
     models: list  # list[Source]
     params: dict[str, Any]  # scalar, per-model list, or callable(tensor_name) -> value
     num_layers: int  # layers in the output
-    base_num_layers: int | None = None
     passthrough_slices: list | None = None  # [(Source, (start, end))] for passthrough
 
 
@@ -674,11 +673,13 @@ def compile_config(cfg: MergeConfig, opened: Mapping[str, Any]) -> CompiledMerge
                 if v is None:
                     v = _fallback(cfg.merge_method, name, f"tensor {out_name!r}", where)
                 return v
-        params[_registry().get_method(cfg.merge_method).param(name).name] = _constant_or_callable(value, out_names)
+        resolved = _constant_or_callable(value, out_names)
+        if callable(resolved) and name in per_model:  # one callable per model, as merge() takes per-model values
+            resolved = [lambda n, i=i, f=resolved: f(n)[i] for i in range(num_models)]
+        params[_registry().get_method(cfg.merge_method).param(name).name] = resolved
     for name, default in MERGEKIT_DEFAULTS.get(cfg.merge_method, {}).items():
         params.setdefault(name, [default] * num_models if name in per_model else default)
-    return CompiledMerge(cfg.merge_method, base, models, params, total_layers,
-                         base_num_layers=_num_layers(ref_src))
+    return CompiledMerge(cfg.merge_method, base, models, params, total_layers)
 
 
 def _fallback(method: str, name: str, what: str, where: str):

@@ -243,9 +243,9 @@ def test_global_parameter_gives_every_model_a_value(seed_models, monkeypatch):
                                    {"model": SEED_FINETUNES[1]}],
                         "parameters": {"weight": [0.1, 0.9]}})  # a per-model gradient set globally
     plan = compile_config(cfg, open_models(cfg))
-    w = plan.params["weight"]
-    assert w("model.layers.0.mlp.up_proj.weight") == [0.7, pytest.approx(0.1)]
-    assert w("model.layers.31.mlp.up_proj.weight") == [0.7, pytest.approx(0.9)]
+    w = plan.params["weight"]  # one callable per model
+    assert [f("model.layers.0.mlp.up_proj.weight") for f in w] == [0.7, pytest.approx(0.1)]
+    assert [f("model.layers.31.mlp.up_proj.weight") for f in w] == [0.7, pytest.approx(0.9)]
 
 
 def test_filter_without_fallback_is_an_error_naming_the_tensor(seed_models, monkeypatch):
