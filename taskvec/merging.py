@@ -20,7 +20,7 @@ import torch
 from taskvec._progress import progress as progress_bar
 from taskvec.errors import KeyMismatchError, ParameterError, ShapeMismatchError
 from taskvec.io import ShardedWriter, Source, TensorMeta, open_source
-from taskvec.methods import MagnitudeSelector, get_method
+from taskvec.methods import MagnitudeSelector, fused, get_method
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -183,9 +183,19 @@ def merge(
         meta = ref.index[k]
         return out_dtype if (out_dtype is not None and meta.is_float) else meta.dtype
 
+    # raw path: stored-dtype CPU tensors go to the method's fused kernel (one pass, no float32 copies);
+    # otherwise every input is loaded as a float32 copy (on `device`) for the per-tensor kernel
+    raw = device == "cpu" and not align_vocab and m.fused is not None and fused.AVAILABLE
+
     def load(k: str):
         if not ref.index[k].is_float:
             return None
+        if raw:
+            b = base_src.get(k) if use_base else None
+            ts = [s.get(k) for s in model_srcs]
+            for t in [b, *ts] if b is not None else ts:
+                fused.warm_pages(t)  # the page reads happen here, in the loader thread
+            return b, ts
         b = _load(base_src, k, device) if (use_base or align_vocab) and base_src is not None else None
         ts = [_load(s, k, device) for s in model_srcs]
         if align_vocab:
@@ -197,6 +207,8 @@ def merge(
         if loaded is None:  # integer / bool buffer: the base's copy
             return ref.get(k).clone()
         b, ts = loaded
+        if raw:
+            return m.merge_fast(b, ts, name=k, checked=checked, out_dtype=target_dtype(k))
         merged = m.merge_checked(b, ts, name=k, checked=checked)
         return merged.to(device="cpu", dtype=target_dtype(k))
 

@@ -235,3 +235,41 @@ def test_cuda_matches_cpu():
         for k in cpu:
             assert gpu[k].device.type == "cpu"
             assert torch.allclose(cpu[k], gpu[k], atol=1e-5), (method, k)
+
+
+# ------------------------------------------------------------------------------------------------
+# The fused (numba) fast path must give exactly what the per-tensor torch kernels give.
+
+
+@pytest.mark.slow  # compiles a handful of numba kernels on first use (cached on disk afterwards)
+def test_fused_kernels_match_the_torch_kernels_bit_for_bit():
+    pytest.importorskip("numba")
+    from taskvec.methods import fused
+
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 17  # above fused.FUSED_MIN, below the bracketed-select size: exercises np.partition selection
+    base32 = torch.randn(n, generator=g)
+    fts32 = [base32 + 0.05 * torch.randn(n, generator=g) * (i + 1) for i in range(2)]
+    base = base32.to(torch.bfloat16)
+    fts = [t.to(torch.bfloat16) for t in fts32]
+    cases = [
+        ("ties", dict(density=[0.3, 0.6], weight=[0.7, 0.4])),
+        ("ties", dict(density=0.5, weight=[0.7, 0.4], semantics="mergekit")),
+        ("ties", dict(density=0.5, consensus="count", semantics="mergekit", normalize=False)),
+        ("ties", dict(density=1.0, consensus="count")),
+        ("task_arithmetic", dict(weight=[0.5, -0.25], **{"lambda": 0.8})),
+    ]
+    for method, params in cases:
+        m = get_method(method)
+        checked = m.check_params(2, **params)
+        for b, ts, out_dtype in ((base, fts, torch.bfloat16), (base32, fts32, torch.float32)):
+            fast = m.merge_fast(b, ts, name="w", checked=checked, out_dtype=out_dtype)
+            ref = m.merge_checked(b, ts, name="w", checked=checked).to(out_dtype)
+            assert fast.dtype == out_dtype and torch.equal(fast, ref), (method, params, out_dtype)
+    # a tensor big enough for the one-pass bracketed selection, with its exact threshold
+    big = torch.randn(1 << 20, generator=g)
+    fbig = big + 0.1 * torch.randn(1 << 20, generator=g)
+    m = get_method("ties")
+    checked = m.check_params(1, density=0.2)
+    fast = m.merge_fast(big, [fbig], name="big", checked=checked, out_dtype=torch.float32)
+    assert fused.AVAILABLE and torch.equal(fast, m.merge_checked(big, [fbig], name="big", checked=checked))

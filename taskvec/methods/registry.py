@@ -146,6 +146,9 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     reference: str = ""
+    # optional fused fast path on raw (stored-dtype) CPU tensors: (base, tensors, name, params, out_dtype)
+    # -> Tensor in out_dtype, or None where it does not apply; must match `kernel` (tests compare them)
+    fused: Callable[..., torch.Tensor | None] | None = field(default=None, repr=False)
 
     # --- describing -------------------------------------------------------------
     @property
@@ -267,6 +270,22 @@ class MergeMethod:
             if t.shape != ref.shape:
                 raise ParameterError(f"tensor {name!r}: model {i} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
         p = self.resolve(checked, name, len(tensors))
+        return self._run_kernel(base, tensors, name, p)
+
+    def merge_fast(
+        self, base: torch.Tensor | None, tensors: Sequence[torch.Tensor], *, name: str, checked: dict[str, Any],
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """Merge raw (stored-dtype) tensors straight to `out_dtype`: the fused kernel when it
+        applies, else the float32 kernel. Shapes must already agree (merge() checks them)."""
+        p = self.resolve(checked, name, len(tensors))
+        if self.fused is not None and base is not None:
+            out = self.fused(base, list(tensors), name, p, out_dtype)
+            if out is not None:
+                return out
+        return self._run_kernel(base, tensors, name, p).to(out_dtype)
+
+    def _run_kernel(self, base, tensors, name, p) -> torch.Tensor:
         b = None if base is None else base.to(torch.float32)
         ts = [t.to(torch.float32) for t in tensors]
         out = self.kernel(b, ts, name, p)
@@ -403,6 +422,34 @@ def _normalize(default, doc="divide by the number (paper) / weight (mergekit) of
     return Param("normalize", default, doc, kind="bool", nullable=default is None)
 
 
+def _gta_fused(sparsifier: str | None, consensus: bool, normalize_default: dict[str, bool]):
+    """The fused (numba) version of `_gta_kernel` for the methods without randomness."""
+    if sparsifier not in (None, "magnitude"):
+        return None
+    from . import fused as fz
+
+    def fused(base, tensors, name, p, out_dtype):
+        if not fz.AVAILABLE:
+            return None
+        semantics = p["semantics"]
+        normalize = p["normalize"] if p["normalize"] is not None else normalize_default[semantics]
+        densities = thresholds = None
+        if sparsifier == "magnitude":
+            if p["trim_scope"] == "global":
+                thresholds = p["threshold"]
+                if any(t is None for t in thresholds):
+                    return None  # the torch path raises the explanatory error
+            else:
+                densities = p["density"]
+        mode = fz.MODE_SUM if not consensus else (fz.MODE_PAPER if semantics == "paper" else fz.MODE_MERGEKIT)
+        return fz.fused_task_arithmetic(
+            base, tensors, densities=densities, thresholds=thresholds, weights=p["weight"], lam=_lam(p), mode=mode,
+            count_vote=consensus and p["consensus"] == "count", normalize=normalize, out_dtype=out_dtype,
+        )
+
+    return fused
+
+
 def _gta(name, summary, sparsifier, consensus, normalize_default, extra, reference):
     params = [_weight(), *extra, LAMBDA]
     if consensus:
@@ -412,6 +459,7 @@ def _gta(name, summary, sparsifier, consensus, normalize_default, extra, referen
         name=name,
         summary=summary,
         kernel=_gta_kernel(sparsifier, consensus, normalize_default),
+        fused=_gta_fused(sparsifier, consensus, normalize_default),
         params=tuple(params),
         needs_base=True,
         reference=reference,

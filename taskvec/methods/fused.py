@@ -1,0 +1,381 @@
+"""Fused CPU kernels (numba, optional) for trim + elect + disjoint merge in one streaming pass.
+
+Eager torch spends most of a TIES merge on memory traffic: every step
+(convert, subtract, |x|, select, mask, vote, agree, sum, divide, add, cast)
+is a full pass over the tensor. These kernels read the raw inputs (bf16 bits
+or float32) and do the whole method per element, in three parallel passes:
+
+  1. histogram of the high 16 bits of |theta_i - theta_0| per model
+  2. histogram of the low 16 bits inside the bin holding the k-th largest
+     (1 + 2 = the exact radix select of `sparsify.MagnitudeSelector`)
+  3. trim (|delta| >= k-th largest), elect, disjoint merge, lambda, + theta_0,
+     rounded to the output dtype (bf16 round-to-nearest-even, as torch)
+
+Semantics are exactly those of `ties.combine_deltas` and `sparsify.trim_topk`
+(tests compare the two paths). Used by `taskvec.merging.merge` when numba is
+installed; without it the eager torch path runs.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+try:  # optional accelerator
+    import numba
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - exercised where numba is absent
+    numba = None
+
+AVAILABLE = numba is not None
+
+MODE_SUM, MODE_PAPER, MODE_MERGEKIT = 0, 1, 2
+
+if AVAILABLE:
+    # Inputs arrive as unsigned-integer bit patterns: uint16 for bf16 (shift 16 rebuilds the float32
+    # bits), uint32 for float32 (shift 0). One kernel source, specialised by numba per array dtype.
+
+    @njit(inline="always", cache=True)
+    def _load(a, i, shift):
+        return np.uint32(np.uint32(a[i]) << shift).view(np.float32)
+
+    @njit(inline="always", cache=True)
+    def _abs_bits(x):
+        return np.float32(x).view(np.uint32) & np.uint32(0x7FFFFFFF)
+
+    # Everything per element is written branch-free (comparisons become 0/1 floats) so LLVM
+    # vectorises the loops: ~9x faster than the same logic with if/else.
+
+    @njit(inline="always", cache=True)
+    def _sign(x):
+        return np.float32(x > 0) - np.float32(x < 0)
+
+    @njit(inline="always", cache=True)
+    def _bf16_bits(x):
+        """float32 -> bf16 bit pattern, round to nearest even (as torch's .to(torch.bfloat16))."""
+        u = np.float32(x).view(np.uint32)
+        rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+        quiet_nan = (u >> np.uint32(16)) | np.uint32(0x40)
+        return np.uint16(quiet_nan if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded)
+
+    @njit(parallel=True, cache=True)
+    def _hist_high(base, models, shift, nblk):
+        n_el = base.shape[0]
+        n_mod = len(models)
+        hist = np.zeros((nblk, n_mod, 32768), np.int64)
+        step = (n_el + nblk - 1) // nblk
+        for blk in prange(nblk):
+            lo = blk * step
+            hi = min(n_el, lo + step)
+            for i in range(lo, hi):
+                b = _load(base, i, shift)
+                for j in range(n_mod):
+                    hist[blk, j, _abs_bits(_load(models[j], i, shift) - b) >> np.uint32(16)] += 1
+        return hist.sum(axis=0)
+
+    @njit(parallel=True, cache=True)
+    def _hist_low(base, models, shift, bins, nblk):
+        n_el = base.shape[0]
+        n_mod = len(models)
+        hist = np.zeros((nblk, n_mod, 65536), np.int64)
+        step = (n_el + nblk - 1) // nblk
+        for blk in prange(nblk):
+            lo = blk * step
+            hi = min(n_el, lo + step)
+            for i in range(lo, hi):
+                b = _load(base, i, shift)
+                for j in range(n_mod):
+                    bits = _abs_bits(_load(models[j], i, shift) - b)
+                    if (bits >> np.uint32(16)) == bins[j]:
+                        hist[blk, j, bits & np.uint32(0xFFFF)] += 1
+        return hist.sum(axis=0)
+
+    @njit(parallel=True, cache=True)
+    def _bracket(base, models, shift, lo, hi, cap, nblk):
+        """Per model: how many |delta| bit patterns lie above hi[j], and those within [lo[j], hi[j]]."""
+        n_el = base.shape[0]
+        n_mod = len(models)
+        above = np.zeros((nblk, n_mod), np.int64)
+        found = np.zeros((nblk, n_mod), np.int64)
+        cand = np.empty((nblk, n_mod, cap), np.uint32)
+        step = (n_el + nblk - 1) // nblk
+        for blk in prange(nblk):
+            start = blk * step
+            stop = min(n_el, start + step)
+            for j in range(n_mod):  # one model at a time keeps the counters in registers
+                lo_j, hi_j = lo[j], hi[j]
+                n_above = 0
+                n_found = 0
+                for i in range(start, stop):
+                    bits = _abs_bits(_load(models[j], i, shift) - _load(base, i, shift))
+                    n_above += bits > hi_j
+                    if bits >= lo_j and bits <= hi_j:  # rare: ~1 % of entries
+                        if n_found < cap:
+                            cand[blk, j, n_found] = bits
+                        n_found += 1
+                above[blk, j] = n_above
+                found[blk, j] = n_found
+        return above.sum(axis=0), found, cand
+
+    @njit(parallel=True, cache=True)
+    def _abs_delta_bits(base, models, shift):
+        """|theta_j - theta_0| as float32 bit patterns, one row per model (for small tensors)."""
+        n_el = base.shape[0]
+        n_mod = len(models)
+        out = np.empty((n_mod, n_el), np.uint32)
+        for i in prange(n_el):
+            b = _load(base, i, shift)
+            for j in range(n_mod):
+                out[j, i] = _abs_bits(_load(models[j], i, shift) - b)
+        return out
+
+    @njit(inline="always", cache=True)
+    def _trimmed(models, j, i, shift, b, thresholds):
+        """theta_j - theta_0 where |.| >= the model's threshold, else 0."""
+        d = _load(models[j], i, shift) - b
+        return d * np.float32(_abs_bits(d) >= thresholds[j])
+
+    @njit(inline="always", cache=True)
+    def _store(out, i, r, out_bf16):
+        if out_bf16:
+            out[i] = _bf16_bits(r)
+        else:
+            out[i] = np.float32(r).view(np.uint32)
+
+    def _make_combine_kernels(out_bf16: bool) -> dict:
+        """The three combination kernels, writing bf16 or float32 bit patterns.
+
+        `out_bf16` is a closure constant (a plain bool, so the on-disk cache key is stable),
+        which lets numba fold the store's branch away: a runtime branch there stops
+        vectorisation and costs 3x. One kernel per combination rule for
+        the same reason (one kernel switching on the rule ran 2-3x slower)."""
+
+        @njit(parallel=True, cache=True)
+        def _combine_sum(base, models, shift, thresholds, weights, total, lam, normalize, out, nblk):
+            """Plain weighted sum of (trimmed) deltas: task arithmetic, or TIES without election."""
+            n_el = base.shape[0]
+            n_mod = len(models)
+            step = (n_el + nblk - 1) // nblk
+            for blk in prange(nblk):
+                lo = blk * step
+                hi = min(n_el, lo + step)
+                for i in range(lo, hi):
+                    b = _load(base, i, shift)
+                    num = np.float32(0.0)
+                    for j in range(n_mod):
+                        num += _trimmed(models, j, i, shift, b, thresholds) * weights[j]
+                    merged = num / total if normalize else num
+                    _store(out, i, merged * lam + b, out_bf16)
+
+        @njit(parallel=True, cache=True)
+        def _combine_paper(base, models, shift, thresholds, weights, lam, count_vote, normalize, out, nblk):
+            """Paper TIES: unweighted election, weights scale agreeing deltas, mean over |A|.
+            Trimmed deltas are recomputed in the second loop: a reload is cheaper than a spill."""
+            n_el = base.shape[0]
+            n_mod = len(models)
+            step = (n_el + nblk - 1) // nblk
+            zero = np.float32(0.0)
+            one = np.float32(1.0)
+            for blk in prange(nblk):
+                lo = blk * step
+                hi = min(n_el, lo + step)
+                for i in range(lo, hi):
+                    b = _load(base, i, shift)
+                    vote = zero
+                    for j in range(n_mod):
+                        d = _trimmed(models, j, i, shift, b, thresholds)
+                        vote += _sign(d) if count_vote else d
+                    g = _sign(vote)
+                    num = zero
+                    div = zero
+                    for j in range(n_mod):
+                        d = _trimmed(models, j, i, shift, b, thresholds)
+                        agree = np.float32(_sign(d) * g > zero)  # same non-zero sign as the elected one
+                        num += d * weights[j] * agree
+                        div += agree
+                    merged = num / max(div, one) if normalize else num
+                    _store(out, i, merged * lam + b, out_bf16)
+
+        @njit(parallel=True, cache=True)
+        def _combine_mergekit(base, models, shift, thresholds, weights, lam, count_vote, normalize, out, nblk):
+            """mergekit TIES: weighted election (a zero vote elects +), divide by the agreeing weight."""
+            n_el = base.shape[0]
+            n_mod = len(models)
+            step = (n_el + nblk - 1) // nblk
+            zero = np.float32(0.0)
+            one = np.float32(1.0)
+            for blk in prange(nblk):
+                lo = blk * step
+                hi = min(n_el, lo + step)
+                for i in range(lo, hi):
+                    b = _load(base, i, shift)
+                    vote = zero
+                    for j in range(n_mod):
+                        d = _trimmed(models, j, i, shift, b, thresholds) * weights[j]
+                        vote += _sign(d) if count_vote else d
+                    g = one - np.float32(2.0) * np.float32(vote < zero)
+                    num = zero
+                    div = zero
+                    for j in range(n_mod):
+                        d = _trimmed(models, j, i, shift, b, thresholds) * weights[j]
+                        agree = np.float32(_sign(d) == g)
+                        num += d * agree
+                        div += weights[j] * agree
+                    div += np.float32(div == zero)
+                    merged = num / div if normalize else num
+                    _store(out, i, merged * lam + b, out_bf16)
+
+        return {MODE_SUM: _combine_sum, MODE_PAPER: _combine_paper, MODE_MERGEKIT: _combine_mergekit}
+
+    _COMBINE = {True: _make_combine_kernels(True), False: _make_combine_kernels(False)}
+
+
+def _as_bits(t: torch.Tensor, bf16: bool) -> np.ndarray:
+    """The raw bit patterns of a tensor: uint16 (bf16) or uint32 (float32, converted if needed)."""
+    flat = t.reshape(-1)
+    if bf16:
+        return flat.view(torch.int16).numpy().view(np.uint16)
+    return flat.to(torch.float32).contiguous().view(torch.int32).numpy().view(np.uint32)
+
+
+def _pick_bin(hist: np.ndarray, k: int) -> tuple[int, int]:
+    from_top = np.cumsum(hist[::-1])
+    j = int(np.searchsorted(from_top, k))
+    above = int(from_top[j - 1]) if j > 0 else 0
+    return hist.shape[0] - 1 - j, above
+
+
+_SAMPLE = 1 << 16
+_BRACKET_MIN = 1 << 20  # below this, |delta| bits are materialised and selected with np.partition
+FUSED_MIN = 1 << 16  # smaller tensors take the torch path (no kernel compilation for tiny models)
+
+
+def _sample_abs_bits(base: np.ndarray, models: tuple, shift: np.uint32, n: int) -> list[np.ndarray]:
+    """Sorted |delta| bit patterns of each model at the same pseudo-random sample of positions."""
+    idx = np.sort(np.random.default_rng(n).integers(0, n, _SAMPLE))
+
+    def floats(a: np.ndarray) -> np.ndarray:
+        return (a[idx].astype(np.uint32) << shift).view(np.float32)
+
+    b = floats(base)
+    return [np.sort((floats(m) - b).view(np.uint32) & np.uint32(0x7FFFFFFF)) for m in models]
+
+
+def _threshold_by_bracket(base, models, shift, ks, nblk) -> np.ndarray | None:
+    """Exact k-th largest |delta| bits per model in ONE pass: a sample brackets the answer,
+    the pass counts what lies above the bracket and keeps what lies inside, and the k-th
+    largest is selected among those. None when a bracket misses (then: histograms)."""
+    n = base.shape[0]
+    samples = _sample_abs_bits(base, models, shift, n)
+    lo = np.zeros(len(models), np.uint32)
+    hi = np.zeros(len(models), np.uint32)
+    for j, k in enumerate(ks):
+        if k is None:
+            lo[j], hi[j] = 1, 0  # empty bracket: nothing collected
+            continue
+        q = 1.0 - k / n  # fraction of entries below the threshold
+        margin = 6.0 * math.sqrt(_SAMPLE * q * (1.0 - q)) + 16
+        a, z = int(q * _SAMPLE - margin), int(q * _SAMPLE + margin)
+        lo[j] = samples[j][a] if a > 0 else 0
+        hi[j] = samples[j][z] if z < _SAMPLE else 0xFFFFFFFF
+    cap = int(2 * (n / nblk) * (2 * 6.0 * 0.5 / math.sqrt(_SAMPLE))) + 4096  # ~2x the expected bracket size
+    above, found, cand = _bracket(base, models, shift, lo, hi, cap, nblk)
+    out = np.zeros(len(models), np.uint32)
+    for j, k in enumerate(ks):
+        if k is None:
+            continue
+        if (found[:, j] > cap).any():
+            return None
+        inside = np.concatenate([cand[blk, j, : found[blk, j]] for blk in range(cand.shape[0])])
+        r = k - int(above[j])  # the answer is the r-th largest inside the bracket
+        if not 1 <= r <= inside.size:
+            return None
+        out[j] = np.partition(inside, inside.size - r)[inside.size - r]
+    return out
+
+
+def threshold_bits(base, models, shift, ks: list[int | None], nblk: int) -> np.ndarray:
+    """Per model, the float32 bit pattern of the exact k-th largest |delta| (0 = keep everything)."""
+    out = np.zeros(len(models), np.uint32)
+    need = [j for j, k in enumerate(ks) if k is not None]
+    if not need:
+        return out
+    if base.shape[0] < _BRACKET_MIN:  # small: materialise |delta| bits and select directly
+        bits = _abs_delta_bits(base, models, shift)
+        n = bits.shape[1]
+        for j in need:
+            out[j] = np.partition(bits[j], n - ks[j])[n - ks[j]]
+        return out
+    bracketed = _threshold_by_bracket(base, models, shift, ks, nblk)
+    if bracketed is not None:
+        return bracketed
+    high = _hist_high(base, models, shift, nblk)
+    bins = np.zeros(len(models), np.uint32)
+    above = [0] * len(models)
+    for j in need:
+        b, above[j] = _pick_bin(high[j], ks[j])
+        bins[j] = b
+    low = _hist_low(base, models, shift, bins, nblk)
+    for j in need:
+        lo, _ = _pick_bin(low[j], ks[j] - above[j])
+        out[j] = (int(bins[j]) << 16) | lo
+    return out
+
+
+def fused_task_arithmetic(
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    *,
+    densities: list[float] | None,
+    thresholds: list[float | None] | None,
+    weights: list[float],
+    lam: float,
+    mode: int,
+    count_vote: bool,
+    normalize: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """Trim (optional) + combine + scale + add in fused passes; None when not applicable
+    (numba missing, non-CPU tensors, unusual dtypes): the caller then runs the torch path."""
+    from .sparsify import keep_count
+
+    if not AVAILABLE or base.device.type != "cpu" or any(t.device.type != "cpu" for t in tensors):
+        return None
+    if base.numel() < FUSED_MIN or out_dtype not in (torch.bfloat16, torch.float32, torch.float16):
+        return None
+    bf16 = base.dtype == torch.bfloat16 and all(t.dtype == torch.bfloat16 for t in tensors)
+    shift = np.uint32(16 if bf16 else 0)
+    b = _as_bits(base, bf16)
+    ms = tuple(_as_bits(t, bf16) for t in tensors)
+    nblk = max(1, min(4 * numba.get_num_threads(), b.shape[0] // 65536))
+    n = b.shape[0]
+    if thresholds is not None and any(x is not None for x in thresholds):
+        tbits = np.array([np.float32(max(x, 0.0)).view(np.uint32) for x in thresholds], np.uint32)
+    elif densities is not None:
+        ks = [None if d >= 1.0 else keep_count(n, d) for d in densities]
+        tbits = threshold_bits(b, ms, shift, ks, nblk)
+    else:
+        tbits = np.zeros(len(ms), np.uint32)
+    w = np.asarray(weights, np.float32)
+    total = np.float32(w.sum(dtype=np.float32)) if mode == MODE_SUM else np.float32(1.0)
+    if mode == MODE_SUM and normalize and abs(float(total)) < 1e-8:
+        return None  # the torch path raises (paper) or leaves the sum undivided (mergekit)
+    out_bf16 = out_dtype == torch.bfloat16
+    result = torch.empty(base.shape, dtype=torch.bfloat16 if out_bf16 else torch.float32)
+    out = result.reshape(-1).view(torch.int16 if out_bf16 else torch.int32).numpy()
+    out = out.view(np.uint16 if out_bf16 else np.uint32)
+    kernel = _COMBINE[out_bf16][mode]
+    if mode == MODE_SUM:
+        kernel(b, ms, shift, tbits, w, total, np.float32(lam), normalize, out, nblk)
+    else:
+        kernel(b, ms, shift, tbits, w, np.float32(lam), count_vote, normalize, out, nblk)
+    return result if out_dtype != torch.float16 else result.to(torch.float16)
+
+
+def warm_pages(t: torch.Tensor) -> None:
+    """Touch one element per 4 KiB page so a memory-mapped tensor is read in this (loader) thread."""
+    flat = t.reshape(-1)
+    step = max(1, 4096 // max(1, flat.element_size()))
+    if flat.numel():
+        float(flat[::step].float().sum()) if flat.is_floating_point() else None
