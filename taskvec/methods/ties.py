@@ -94,13 +94,13 @@ def combine_deltas(
     # mergekit: weighted vote, ties go to +1, divisor = sum of agreeing weights
     if consensus not in CONSENSUS and consensus != "sum":
         raise ParameterError(f"consensus must be one of {CONSENSUS}, got {consensus!r}")
+    # (float arithmetic instead of boolean masks: the same values, several times faster on CPU)
     vote = weighted.sum(dim=0) if consensus in ("mass", "sum") else weighted.sign().sum(dim=0)
-    signs = vote.sign_()
-    signs[signs == 0] = 1.0
-    agree = (weighted.sign() == signs).to(deltas.dtype)
+    signs = vote.sign_().add_(1).sign_().mul_(2).sub_(1)  # sign, with 0 -> +1
+    agree = agreement(weighted, signs)
     out = (weighted * agree).sum(dim=0)
     if normalize:
         divisor = (w * agree).sum(dim=0)
-        divisor[divisor == 0] = 1.0
+        divisor.add_(1 - divisor.abs().sign())  # 0 -> 1
         out.div_(divisor)
     return out
