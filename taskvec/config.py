@@ -123,7 +123,7 @@ class MergeConfig:
 
 
 TOP_LEVEL_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
-                  "tokenizer_source", "name")
+                  "tokenizer_source")
 NOT_SUPPORTED_KEYS = {
     "modules": "multi-module configs (`modules:`) are not supported; use `models:` or `slices:`",
     "tokenizer": "the `tokenizer:` block (vocabulary surgery) is not supported; use `tokenizer_source: base` or a model path",
@@ -470,6 +470,55 @@ class CompiledMerge:
     models: list  # list[Source]
     params: dict[str, Any]  # scalar, per-model list, or callable(tensor_name) -> value
     num_layers: int  # layers in the output
+    tensor_names: list[str] = field(default_factory=list)  # the output's tensors
+
+    def parameter_table(self):
+        """Every parameter's value for every output tensor, as a tidy DataFrame.
+
+        Columns: tensor, layer (None outside the layer stack), parameter, model
+        (None for global parameters), value. Shows exactly what gradients and
+        filters resolved to before anything is merged.
+        """
+        import pandas as pd
+
+        from taskvec.merging import layer_index
+
+        models = [m.name for m in self.models]
+        rows = []
+        for tensor in self.tensor_names:
+            layer = layer_index(tensor)
+            for name, v in self.params.items():
+                if isinstance(v, (list, tuple)):
+                    for model, x in zip(models, v):
+                        rows.append((tensor, layer, name, model, x(tensor) if callable(x) else x))
+                else:
+                    rows.append((tensor, layer, name, None, v(tensor) if callable(v) else v))
+        return pd.DataFrame(rows, columns=["tensor", "layer", "parameter", "model", "value"])
+
+    def describe(self) -> str:
+        """What will be merged: sources, output layers, and per-layer parameter values where they vary."""
+        if self.passthrough_slices:
+            lines = [f"passthrough: {len(self.passthrough_slices)} slices -> {self.num_layers} output layers"]
+            lines += [f"  {src.name} layers [{a}, {b})" for src, (a, b) in self.passthrough_slices]
+            return "\n".join(lines)
+        lines = [f"{self.method}: {len(self.models)} model(s) -> {self.num_layers} output layers"]
+        lines.append(f"  base: {self.base.name if self.base is not None else '(none)'}")
+        lines += [f"  model {i}: {m.name}" for i, m in enumerate(self.models)]
+        table = self.parameter_table()
+        for (name, model), group in table.groupby(["parameter", "model"], dropna=False, sort=False):
+            who = f" [{model}]" if isinstance(model, str) else ""
+            values = group["value"]
+            if values.nunique() <= 1:
+                lines.append(f"  {name}{who} = {values.iloc[0]!r}")
+                continue
+            lines.append(f"  {name}{who} varies by tensor (layer x tensor):")
+            g = group.assign(kind=group["tensor"].str.replace(r"^.*?\.\d+\.", "", regex=True))
+            pivot = g[g["layer"].notna()].pivot_table(index="layer", columns="kind", values="value", aggfunc="first")
+            pivot.index = pivot.index.astype(int)
+            lines += ["    " + line for line in _merge_equal_columns(pivot).round(3).to_string().splitlines()]
+            outside = g[g["layer"].isna()]
+            lines += [f"    {r.tensor}: {r.value:.3g}" for r in outside.itertuples()]
+        return "\n".join(lines)
     passthrough_slices: list | None = None  # [(Source, (start, end))] for passthrough
 
 
@@ -531,6 +580,24 @@ def _remapped_source(name: str, mapping: Mapping[str, tuple[Any, str]], model_di
 def _is_pre_weight(tensor_name: str) -> bool:
     """Outside the layer stack, before it (embeddings) vs after it (final norm, LM head)."""
     return "embed" in tensor_name or tensor_name.split(".")[-2] in ("wte", "wpe")
+
+
+def _merge_equal_columns(table):
+    """Columns with identical values become one: `self_attn.*` when a whole module agrees, else `a, b`."""
+    import pandas as pd
+
+    groups: dict[tuple, list[str]] = {}
+    for col in table.columns:
+        groups.setdefault(tuple(table[col].tolist()), []).append(col)
+    modules: dict[str, list[str]] = {}
+    for col in table.columns:
+        modules.setdefault(col.split(".")[0], []).append(col)
+    out = {}
+    for cols in groups.values():
+        head = cols[0].split(".")[0]
+        name = f"{head}.*" if len(cols) > 1 and sorted(modules[head]) == sorted(cols) else ", ".join(cols)
+        out[name] = table[cols[0]]
+    return pd.DataFrame(out, index=table.index)
 
 
 def _as_slices(cfg: MergeConfig, opened: Mapping[str, Any], where: str) -> list[OutputSlice]:
@@ -679,7 +746,7 @@ def compile_config(cfg: MergeConfig, opened: Mapping[str, Any]) -> CompiledMerge
         params[_registry().get_method(cfg.merge_method).param(name).name] = resolved
     for name, default in MERGEKIT_DEFAULTS.get(cfg.merge_method, {}).items():
         params.setdefault(name, [default] * num_models if name in per_model else default)
-    return CompiledMerge(cfg.merge_method, base, models, params, total_layers)
+    return CompiledMerge(cfg.merge_method, base, models, params, total_layers, tensor_names=out_names)
 
 
 def _fallback(method: str, name: str, what: str, where: str):
@@ -760,6 +827,12 @@ def run_config(config: str | os.PathLike | Mapping | MergeConfig, out: str | os.
     return out
 
 
+def plan_config(config: str | os.PathLike | Mapping | MergeConfig) -> CompiledMerge:
+    """Parse a config and open its models (headers only): the plan `run_config` would execute."""
+    cfg = config if isinstance(config, MergeConfig) else parse_config(config)
+    return compile_config(cfg, open_models(cfg))
+
+
 def _execute(plan: CompiledMerge, out: Path, *, dtype, device, seed, progress, max_shard_size) -> None:
     from taskvec import merging
 
@@ -836,6 +909,8 @@ def _build_parser():
     p.add_argument("--seed", type=int, default=0, help="seed for random methods (DARE); default 0")
     p.add_argument("--random-seed", dest="seed", type=int, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", "--quiet", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config and models, print the plan (per-layer parameter values), write nothing")
     for flag in ("--allow-crimes", "--lazy-unpickle", "--low-cpu-memory", "--trust-remote-code",
                  "--safe-serialization", "--write-model-card"):
         p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)  # mergekit muscle memory: no effect
@@ -847,6 +922,9 @@ def cli_main(argv: list[str]) -> int:
     args = _build_parser().parse_args(argv)
     device = "cuda" if args.cuda and args.device == "cpu" else args.device
     try:
+        if args.dry_run:
+            print(plan_config(args.config).describe())
+            return 0
         out = run_config(args.config, args.out, device=device, out_shard_size=args.out_shard_size,
                          copy_tokenizer=args.copy_tokenizer, seed=args.seed, progress=args.progress)
     except TaskVecError as e:

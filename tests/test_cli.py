@@ -130,3 +130,11 @@ def test_console_entry_point_runs_a_config(hub):
                           "--no-progress"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 40
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(hub, capsys):
+    out = hub / "cli-dry"
+    assert main(["merge", str(SEED_CONFIGS[0]), str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("slerp: 1 model(s) -> 32 output layers") and "t varies by tensor" in text
+    assert not out.exists() and _hidden(hub) == []

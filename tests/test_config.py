@@ -359,3 +359,21 @@ def test_model_plus_lora_applies_the_adapter(tmp_path, monkeypatch):
     assert not torch.equal(got[k], base.state_dict()[k])
     torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got["model.layers.1.mlp.up_proj.weight"], base.state_dict()["model.layers.1.mlp.up_proj.weight"])
+
+
+def test_parameter_table_shows_what_gradients_resolved_to(seed_models, monkeypatch):
+    from taskvec.config import plan_config
+
+    monkeypatch.chdir(seed_models)
+    plan = plan_config(SEED_CONFIGS[0])
+    table = plan.parameter_table()
+    assert set(table["parameter"]) == {"t"} and len(table) == len(plan.tensor_names)
+    at = table.set_index("tensor")["value"]
+    assert at["model.layers.31.self_attn.q_proj.weight"] == pytest.approx(1.0)
+    assert at["model.layers.0.mlp.up_proj.weight"] == pytest.approx(1.0)
+    assert at["model.norm.weight"] == 0.5
+    text = plan.describe()
+    assert "t varies by tensor" in text and "self_attn.*" in text and "mlp.*" in text
+    ties = plan_config(SEED_CONFIGS[1]).parameter_table()
+    weights = ties[(ties.parameter == "weight") & (ties.tensor == "lm_head.weight")]
+    assert weights.set_index("model")["value"].to_dict() == {SEED_FINETUNES[0]: 0.5, SEED_FINETUNES[1]: 0.3}
