@@ -1,7 +1,7 @@
 """The README.md model card a merged model folder gets, as mergekit users expect.
 
 YAML front matter (Hugging Face model-card metadata: ``base_model`` lists the
-parent models, ``tags`` include ``merge``, ``taskvec`` and
+parent models that are hub ids, ``tags`` include ``merge``, ``taskvec`` and
 ``mergekit-compatible``), then the method, the base, the models, and the full
 config that produced the merge in a ``yaml`` block — so the card alone is
 enough to reproduce the merge with `taskvec merge` or `mergekit-yaml`.
@@ -10,6 +10,7 @@ Rendered with `string.Template` (stdlib; no jinja2 needed).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from string import Template
 from typing import TYPE_CHECKING, Mapping
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from taskvec.config import MergeConfig
 
 TAGS = ("merge", "taskvec", "mergekit-compatible")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")  # org/name; local paths (/x, ./x, a/b/c) are not
 
 # Method name -> (pretty name, paper or reference).
 METHOD_REFERENCES: dict[str, tuple[str, str | None]] = {
@@ -81,10 +83,11 @@ def render_model_card(config: "MergeConfig", *, name: str | None = None,
     from taskvec import __version__
 
     models = config.referenced_models()
+    hub_ids = [part for m in models for part in m.split("+") if _HUB_ID.match(part)]
     # mergekit's convention: SLERP has no privileged base in the prose (t=0 is just one end).
     base = None if config.merge_method == "slerp" else config.base_model
     metadata = {
-        "base_model": models,
+        "base_model": hub_ids,  # Hugging Face metadata: hub ids only, as mergekit writes it
         "tags": list(TAGS),
         "library_name": "transformers",
         "merge_method": config.merge_method,

@@ -48,3 +48,11 @@ def test_write_model_card_names_it_after_the_folder(tmp_path):
     assert path == out / "README.md"
     _, body = _split(path.read_text())
     assert body.lstrip().startswith("# Daredevil-7B")
+
+
+def test_local_paths_are_listed_but_not_claimed_as_hub_parents():
+    cfg = parse_config({"merge_method": "linear", "models": [{"model": "/data/ft-a"}, {"model": "org/ft-b"},
+                                                             {"model": "org/base+./adapters/x"}]})
+    meta, body = _split(render_model_card(cfg))
+    assert meta["base_model"] == ["org/ft-b", "org/base"]
+    assert "* `/data/ft-a`" in body and "* `org/base+./adapters/x`" in body
