@@ -17,7 +17,7 @@ from taskvec.analysis.conflicts import (
     global_thresholds,
     sign_conflicts,
 )
-from taskvec.analysis.cosine import CosineMatrix, cosine_from_gram, cosine_matrix, gram
+from taskvec.analysis.cosine import CosineMatrix, cosine_from_gram, cosine_matrix
 from taskvec.analysis.naming import MODULE_TYPES, layer_index, layer_label, module_type, sort_layer_labels
 from taskvec.analysis.profile import DARE_DELTA_LIMIT, Profile, profile
 from taskvec.analysis.sweeps import Sweep, dare_sweep, density_sweep, lambda_sweep, merge_sweep
@@ -25,6 +25,6 @@ from taskvec.analysis.sweeps import Sweep, dare_sweep, density_sweep, lambda_swe
 __all__ = [
     "ConflictCurve", "CosineMatrix", "DARE_DELTA_LIMIT", "MODULE_TYPES", "Profile", "SignConflicts", "Sweep",
     "conflict_counts", "conflict_vs_density", "cosine_from_gram", "cosine_matrix", "dare_sweep", "density_sweep",
-    "global_thresholds", "gram", "lambda_sweep", "layer_index", "layer_label", "merge_sweep", "module_type",
+    "global_thresholds", "lambda_sweep", "layer_index", "layer_label", "merge_sweep", "module_type",
     "profile", "sign_conflicts", "sort_layer_labels",
 ]
