@@ -268,8 +268,8 @@ def test_fused_kernels_match_the_torch_kernels_bit_for_bit():
             assert fast.dtype == out_dtype and torch.equal(fast, ref), (method, params, out_dtype)
     # a tensor big enough for the one-pass bracketed selection, with its exact threshold
     big = torch.randn(1 << 20, generator=g)
-    fbig = big + 0.1 * torch.randn(1 << 20, generator=g)
+    fbig = [big + 0.1 * torch.randn(1 << 20, generator=g) for _ in range(2)]
     m = get_method("ties")
-    checked = m.check_params(1, density=0.2)
-    fast = m.merge_fast(big, [fbig], name="big", checked=checked, out_dtype=torch.float32)
-    assert fused.AVAILABLE and torch.equal(fast, m.merge_checked(big, [fbig], name="big", checked=checked))
+    checked = m.check_params(2, density=[1.0, 0.2])  # one model untrimmed, one bracketed
+    fast = m.merge_fast(big, fbig, name="big", checked=checked, out_dtype=torch.float32)
+    assert fused.AVAILABLE and torch.equal(fast, m.merge_checked(big, fbig, name="big", checked=checked))

@@ -93,27 +93,38 @@ if AVAILABLE:
 
     @njit(parallel=True, cache=True)
     def _bracket(base, models, shift, lo, hi, cap, nblk):
-        """Per model: how many |delta| bit patterns lie above hi[j], and those within [lo[j], hi[j]]."""
+        """Per model: how many |delta| bit patterns lie above hi[j], and those within [lo[j], hi[j]].
+
+        Per chunk of 2048 entries, a vectorised loop computes the bit patterns and the count
+        above, then a scalar scan of that cached chunk picks out the rare (~2 %) in-bracket ones."""
         n_el = base.shape[0]
         n_mod = len(models)
         above = np.zeros((nblk, n_mod), np.int64)
         found = np.zeros((nblk, n_mod), np.int64)
         cand = np.empty((nblk, n_mod, cap), np.uint32)
         step = (n_el + nblk - 1) // nblk
+        chunk = 2048
         for blk in prange(nblk):
             start = blk * step
             stop = min(n_el, start + step)
+            buf = np.empty(chunk, np.uint32)
             for j in range(n_mod):  # one model at a time keeps the counters in registers
                 lo_j, hi_j = lo[j], hi[j]
+                width = hi_j - lo_j
                 n_above = 0
                 n_found = 0
-                for i in range(start, stop):
-                    bits = _abs_bits(_load(models[j], i, shift) - _load(base, i, shift))
-                    n_above += bits > hi_j
-                    if bits >= lo_j and bits <= hi_j:  # rare: ~1 % of entries
-                        if n_found < cap:
-                            cand[blk, j, n_found] = bits
-                        n_found += 1
+                for c0 in range(start, stop, chunk):
+                    m = min(chunk, stop - c0)
+                    for k in range(m):
+                        bits = _abs_bits(_load(models[j], c0 + k, shift) - _load(base, c0 + k, shift))
+                        buf[k] = bits
+                        n_above += bits > hi_j
+                    for k in range(m):
+                        v = buf[k]
+                        if np.uint32(v - lo_j) <= width:  # lo_j <= v <= hi_j in one unsigned compare
+                            if n_found < cap:
+                                cand[blk, j, n_found] = v
+                            n_found += 1
                 above[blk, j] = n_above
                 found[blk, j] = n_found
         return above.sum(axis=0), found, cand
@@ -272,7 +283,7 @@ def _threshold_by_bracket(base, models, shift, ks, nblk) -> np.ndarray | None:
     hi = np.zeros(len(models), np.uint32)
     for j, k in enumerate(ks):
         if k is None:
-            lo[j], hi[j] = 1, 0  # empty bracket: nothing collected
+            lo[j], hi[j] = 0xFFFFFFFF, 0xFFFFFFFF  # no |delta| bit pattern gets there: nothing collected
             continue
         q = 1.0 - k / n  # fraction of entries below the threshold
         margin = 6.0 * math.sqrt(_SAMPLE * q * (1.0 - q)) + 16
