@@ -1,19 +1,24 @@
-"""Fused CPU kernels (numba, optional) for trim + elect + disjoint merge in one streaming pass.
+"""Fused CPU kernels (numba, optional) for trim + elect + disjoint merge, streaming.
 
 Eager torch spends most of a TIES merge on memory traffic: every step
 (convert, subtract, |x|, select, mask, vote, agree, sum, divide, add, cast)
 is a full pass over the tensor. These kernels read the raw inputs (bf16 bits
-or float32) and do the whole method per element, in three parallel passes:
+or float32) and do the whole method per entry, in two parallel passes:
 
-  1. histogram of the high 16 bits of |theta_i - theta_0| per model
-  2. histogram of the low 16 bits inside the bin holding the k-th largest
-     (1 + 2 = the exact radix select of `sparsify.MagnitudeSelector`)
-  3. trim (|delta| >= k-th largest), elect, disjoint merge, lambda, + theta_0,
-     rounded to the output dtype (bf16 round-to-nearest-even, as torch)
+  1. select: the exact k-th largest |theta_i - theta_0| of each model. A 65,536-
+     entry sample brackets it; one pass counts the entries above the bracket
+     and collects the ~2 % inside it; the k-th is picked among those
+     (np.partition). Small tensors: |delta| materialised + np.partition; if a
+     bracket ever misses, two 16-bit radix histogram passes (as
+     `sparsify.MagnitudeSelector`).
+  2. combine: trim (|delta| >= k-th largest), elect, disjoint merge, lambda,
+     + theta_0, rounded to the output dtype (bf16 round-to-nearest-even, as torch),
+     branch-free so LLVM vectorises it.
 
 Semantics are exactly those of `ties.combine_deltas` and `sparsify.trim_topk`
-(tests compare the two paths). Used by `taskvec.merging.merge` when numba is
-installed; without it the eager torch path runs.
+(a test compares the two paths bit for bit). `taskvec.merging.merge` uses this
+when numba is installed and a tensor has at least FUSED_MIN entries; otherwise
+the eager torch kernels run. Compiled kernels are cached on disk by numba.
 """
 from __future__ import annotations
 
@@ -244,7 +249,7 @@ if AVAILABLE:
 
 def _as_bits(t: torch.Tensor, bf16: bool) -> np.ndarray:
     """The raw bit patterns of a tensor: uint16 (bf16) or uint32 (float32, converted if needed)."""
-    flat = t.reshape(-1)
+    flat = t.detach().reshape(-1)
     if bf16:
         return flat.view(torch.int16).numpy().view(np.uint16)
     return flat.to(torch.float32).contiguous().view(torch.int32).numpy().view(np.uint32)
