@@ -426,9 +426,10 @@ def _gta_fused(sparsifier: str | None, consensus: bool, normalize_default: dict[
     """The fused (numba) version of `_gta_kernel` for the methods without randomness."""
     if sparsifier not in (None, "magnitude"):
         return None
-    from . import fused as fz
 
     def fused(base, tensors, name, p, out_dtype):
+        from . import fused as fz  # imports numba: only when a merge runs, not with taskvec.methods
+
         if not fz.AVAILABLE:
             return None
         semantics = p["semantics"]
