@@ -248,3 +248,18 @@ def test_lm_corpora_are_transparent():
     clean = lm.clean_corpus()
     assert len(clean) >= 20 and any("Beautiful is better than ugly" in t for t in clean)
     assert not any(p.lower().split()[-1] in words for p in lm.PROMPTS)
+
+
+def test_zoo_statistics_are_keyed_like_the_encoder(tiny):
+    zoo, _ = tiny
+    from taskvec.eval import task_fisher, task_grams
+
+    state = zoo.load("sentiment").state_dict()
+    fisher = task_fisher(zoo, "sentiment", n_samples=4, mode="empirical")
+    assert set(fisher) <= set(state) and "encoder.layer.0.attention.self.query.weight" in fisher
+    assert all(fisher[k].shape == state[k].shape and (fisher[k] >= 0).all() for k in fisher)
+    assert fisher["encoder.layer.0.attention.self.query.weight"].sum() > 0
+    grams = task_grams(zoo, "sentiment", limit=8)
+    assert "encoder.layer.0.intermediate.dense.weight" in grams
+    for k, g in grams.items():
+        assert g.shape == (state[k].shape[1], state[k].shape[1])

@@ -64,3 +64,53 @@ def lm_report(zoo, weights=None, *, split: str = "test", template=None, label: s
         samples_per_prompt=samples_per_prompt or recipe.get("samples_per_prompt", 4),
         max_new_tokens=max_new_tokens or recipe.get("max_new_tokens", 24),
         seed=zoo.manifest.get("seed", 0) if seed is None else seed, label=label)
+
+
+def task_batches(zoo, task: str, *, split: str = "train", batch_size: int = 16, limit: int | None = None):
+    """The task's texts as model-ready batches {"input_ids", "attention_mask", "labels"} (for the statistics)."""
+    from taskvec.eval.classification import tokenize
+
+    data = zoo.task_data(task)
+    texts, labels = data.texts(split)[:limit], data.targets(split)[:limit]
+    max_length = zoo.manifest.get("recipe", {}).get("max_length", 48)
+    tokenizer = zoo.tokenizer()
+    for s in range(0, len(texts), batch_size):
+        batch = tokenize(tokenizer, texts[s:s + batch_size], max_length)
+        batch["labels"] = torch.tensor(labels[s:s + batch_size])
+        yield batch
+
+
+def _classifier(zoo, task: str, weights):
+    from taskvec.eval.classification import SentenceClassifier
+
+    encoder = _model_for(zoo, zoo.models[task] if weights is None else weights, None)
+    head = zoo.head(task)
+    for p in head.parameters():
+        p.requires_grad_(False)  # the head is frozen: only the encoder carries statistics
+    return SentenceClassifier(encoder, head)
+
+
+def _encoder_keys(stats: dict) -> dict:
+    return {k.removeprefix("encoder."): v for k, v in stats.items() if k.startswith("encoder.")}
+
+
+def task_fisher(zoo, task: str, n_samples: int = 256, *, mode: str = "sampled", weights=None, split: str = "train",
+                seed: int = 0) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher of the task's fine-tuned encoder (or `weights`) under its frozen head, on the task's data;
+    keyed like the encoder's state dict, ready for `fisher_merge`."""
+    from taskvec.eval.statistics import fisher_diagonal
+
+    model = _classifier(zoo, task, weights)
+    stats = fisher_diagonal(model, task_batches(zoo, task, split=split, limit=n_samples), n_samples, mode=mode,
+                            seed=seed)
+    return _encoder_keys(stats)
+
+
+def task_grams(zoo, task: str, *, weights=None, split: str = "train", limit: int | None = 512,
+               average: bool = False) -> dict[str, torch.Tensor]:
+    """RegMean Gram matrices X^T X of every nn.Linear of the task's fine-tuned encoder, on the task's data;
+    keyed '<layer>.weight' like the encoder's state dict, ready for `regmean_merge`."""
+    from taskvec.eval.statistics import regmean_grams
+
+    model = _classifier(zoo, task, weights)
+    return _encoder_keys(regmean_grams(model, task_batches(zoo, task, split=split, limit=limit), average=average))

@@ -79,19 +79,18 @@ class Zoo:
     def kind(self) -> str:
         return self.manifest["kind"]
 
+    def _path(self, rel: str) -> Path:
+        return self.root / rel  # absolute paths (hub snapshots) stay as they are
+
     @property
     def base(self) -> Path:
-        return self.root / self.manifest["base"]["path"] if not Path(self.manifest["base"]["path"]).is_absolute() \
-            else Path(self.manifest["base"]["path"])
+        """The base model's HF directory."""
+        return self._path(self.manifest["base"]["path"])
 
     @property
     def models(self) -> dict[str, Path]:
         """Fine-tuned model directories by task."""
-        out = {}
-        for task, m in self.manifest["models"].items():
-            p = Path(m["path"])
-            out[task] = p if p.is_absolute() else self.root / p
-        return out
+        return {task: self._path(m["path"]) for task, m in self.manifest["models"].items()}
 
     @property
     def tasks(self) -> list[str]:
