@@ -121,6 +121,27 @@ def _global_thresholds(base: Source, models: Sequence[Source], densities: Sequen
     return [s.value for s in selectors]
 
 
+def _describe(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_describe(v) for v in value) + "]"
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return repr(value)
+    return "per-tensor (" + type(value).__name__ + ")"
+
+
+def model_card(method: str, base: Source | None, models: Sequence[Source], params: dict[str, Any]) -> str:
+    """A short README.md for a merged model folder (Hugging Face card metadata + how it was made)."""
+    parents = ([base.name] if base is not None else []) + [m.name for m in models]
+    front = "\n".join(["---", "base_model:", *[f"- {p}" for p in dict.fromkeys(parents)],
+                        "tags:", "- merge", "- taskvec", "---", ""])
+    lines = [f"# Merged with taskvec ({method})", ""]
+    if base is not None:
+        lines.append(f"Base model: `{base.name}`")
+    lines += ["Models:", *[f"- `{m.name}`" for m in models], "", "Parameters:"]
+    lines += [f"- `{k}`: {_describe(v)}" for k, v in sorted(params.items())] or ["- (defaults)"]
+    return front + "\n".join(lines) + "\n"
+
+
 def merge(
     base: Any,
     models: Sequence[Any],
@@ -232,6 +253,7 @@ def merge(
                     pending = writer.submit(w.add, k, result)
                 if pending is not None:
                     pending.result()
+            w.write_text("README.md", model_card(m.name, base_src, model_srcs, params))
             w.copy_from(ref.model_dir)
         return w.out
 

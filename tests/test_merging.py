@@ -36,6 +36,8 @@ def test_ties_merge_of_saved_models_loads_and_runs(llamas, tmp_path, hash_tree):
     out = merge(llamas["base"], [llamas["ft1"], llamas["ft2"]], "ties", density=0.3, out=tmp_path / "merged",
                 progress=False)
     assert out == tmp_path / "merged" and (out / "config.json").is_file()
+    card = (out / "README.md").read_text()
+    assert "taskvec (ties)" in card and str(llamas["ft2"]) in card and "`density`: 0.3" in card
     assert hash_tree(*llamas.values()) == before
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
