@@ -260,6 +260,9 @@ def test_fused_kernels_match_the_torch_kernels_bit_for_bit():
         ("ties", dict(density=0.5, consensus="count", semantics="mergekit", normalize=False)),
         ("ties", dict(density=1.0, consensus="count")),
         ("task_arithmetic", dict(weight=[0.5, -0.25], **{"lambda": 0.8})),
+        ("dare_ties", dict(p=[0.3, 0.7], weight=[0.7, 0.4], seed=5)),
+        ("dare_ties", dict(density=0.4, semantics="mergekit", rescale=False)),
+        ("dare_linear", dict(p=0.5, weight=[1.0, 0.5])),
     ]
     for method, params in cases:
         m = get_method(method)

@@ -153,22 +153,33 @@ if AVAILABLE:
         return d * np.float32(_abs_bits(d) >= thresholds[j])
 
     @njit(inline="always", cache=True)
+    def _sparse_delta(models, j, i, shift, b, thresholds, uniforms, drops, scales, dare):
+        """Model j's sparsified delta at entry i: DARE's drop-and-rescale (`dare`, a compile-time
+        constant) from the uniforms torch drew for it, else the magnitude trim."""
+        if dare:
+            d = _load(models[j], i, shift) - b
+            return d * (np.float32(uniforms[j][i] >= drops[j]) * scales[j])
+        return _trimmed(models, j, i, shift, b, thresholds)
+
+    @njit(inline="always", cache=True)
     def _store(out, i, r, out_bf16):
         if out_bf16:
             out[i] = _bf16_bits(r)
         else:
             out[i] = np.float32(r).view(np.uint32)
 
-    def _make_combine_kernels(out_bf16: bool) -> dict:
-        """The three combination kernels, writing bf16 or float32 bit patterns.
+    def _make_combine_kernels(out_bf16: bool, dare: bool) -> dict:
+        """The three combination kernels, writing bf16 or float32 bit patterns, sparsifying by
+        magnitude trim or (`dare`) by DARE's random drop.
 
-        `out_bf16` is a closure constant (a plain bool, so the on-disk cache key is stable),
-        which lets numba fold the store's branch away: a runtime branch there stops
+        `out_bf16` and `dare` are closure constants (plain bools, so the on-disk cache key is
+        stable), which lets numba fold their branches away: a runtime branch there stops
         vectorisation and costs 3x. One kernel per combination rule for
         the same reason (one kernel switching on the rule ran 2-3x slower)."""
 
         @njit(parallel=True, cache=True)
-        def _combine_sum(base, models, shift, thresholds, weights, total, lam, normalize, out, nblk):
+        def _combine_sum(base, models, shift, thresholds, uniforms, drops, scales, weights, total, lam, normalize, out,
+                         nblk):
             """Plain weighted sum of (trimmed) deltas: task arithmetic, or TIES without election."""
             n_el = base.shape[0]
             n_mod = len(models)
@@ -180,12 +191,14 @@ if AVAILABLE:
                     b = _load(base, i, shift)
                     num = np.float32(0.0)
                     for j in range(n_mod):
-                        num += _trimmed(models, j, i, shift, b, thresholds) * weights[j]
+                        d = _sparse_delta(models, j, i, shift, b, thresholds, uniforms, drops, scales, dare)
+                        num += d * weights[j]
                     merged = num / total if normalize else num
                     _store(out, i, merged * lam + b, out_bf16)
 
         @njit(parallel=True, cache=True)
-        def _combine_paper(base, models, shift, thresholds, weights, lam, count_vote, normalize, out, nblk):
+        def _combine_paper(base, models, shift, thresholds, uniforms, drops, scales, weights, lam, count_vote, normalize,
+                           out, nblk):
             """Paper TIES: unweighted election, weights scale agreeing deltas, mean over |A|.
             Trimmed deltas are recomputed in the second loop: a reload is cheaper than a spill."""
             n_el = base.shape[0]
@@ -200,13 +213,13 @@ if AVAILABLE:
                     b = _load(base, i, shift)
                     vote = zero
                     for j in range(n_mod):
-                        d = _trimmed(models, j, i, shift, b, thresholds)
+                        d = _sparse_delta(models, j, i, shift, b, thresholds, uniforms, drops, scales, dare)
                         vote += _sign(d) if count_vote else d
                     g = _sign(vote)
                     num = zero
                     div = zero
                     for j in range(n_mod):
-                        d = _trimmed(models, j, i, shift, b, thresholds)
+                        d = _sparse_delta(models, j, i, shift, b, thresholds, uniforms, drops, scales, dare)
                         agree = np.float32(_sign(d) * g > zero)  # same non-zero sign as the elected one
                         num += d * weights[j] * agree
                         div += agree
@@ -214,7 +227,8 @@ if AVAILABLE:
                     _store(out, i, merged * lam + b, out_bf16)
 
         @njit(parallel=True, cache=True)
-        def _combine_mergekit(base, models, shift, thresholds, weights, lam, count_vote, normalize, out, nblk):
+        def _combine_mergekit(base, models, shift, thresholds, uniforms, drops, scales, weights, lam, count_vote,
+                              normalize, out, nblk):
             """mergekit TIES: weighted election (a zero vote elects +), divide by the agreeing weight."""
             n_el = base.shape[0]
             n_mod = len(models)
@@ -228,13 +242,15 @@ if AVAILABLE:
                     b = _load(base, i, shift)
                     vote = zero
                     for j in range(n_mod):
-                        d = _trimmed(models, j, i, shift, b, thresholds) * weights[j]
+                        d = _sparse_delta(models, j, i, shift, b, thresholds, uniforms, drops, scales, dare)
+                        d = d * weights[j]
                         vote += _sign(d) if count_vote else d
                     g = one - np.float32(2.0) * np.float32(vote < zero)
                     num = zero
                     div = zero
                     for j in range(n_mod):
-                        d = _trimmed(models, j, i, shift, b, thresholds) * weights[j]
+                        d = _sparse_delta(models, j, i, shift, b, thresholds, uniforms, drops, scales, dare)
+                        d = d * weights[j]
                         agree = np.float32(_sign(d) == g)
                         num += d * agree
                         div += weights[j] * agree
@@ -244,7 +260,7 @@ if AVAILABLE:
 
         return {MODE_SUM: _combine_sum, MODE_PAPER: _combine_paper, MODE_MERGEKIT: _combine_mergekit}
 
-    _COMBINE = {True: _make_combine_kernels(True), False: _make_combine_kernels(False)}
+    _COMBINE = {(o, d): _make_combine_kernels(o, d) for o in (True, False) for d in (True, False)}
 
 
 def _as_bits(t: torch.Tensor, bf16: bool) -> np.ndarray:
@@ -351,9 +367,11 @@ def fused_task_arithmetic(
     count_vote: bool,
     normalize: bool,
     out_dtype: torch.dtype,
+    dare: tuple[list[float], bool, list[torch.Generator]] | None = None,
 ) -> torch.Tensor | None:
-    """Trim (optional) + combine + scale + add in fused passes; None when not applicable
-    (numba missing, non-CPU tensors, unusual dtypes): the caller then runs the torch path."""
+    """Sparsify (magnitude trim, or DARE with `dare` = (drop rates, rescale, generators)) +
+    combine + scale + add in fused passes; None when not applicable (numba missing, non-CPU
+    tensors, small tensors, unusual dtypes): the caller then runs the torch path."""
     from .sparsify import keep_count
 
     if not AVAILABLE or base.device.type != "cpu" or any(t.device.type != "cpu" for t in tensors):
@@ -366,26 +384,34 @@ def fused_task_arithmetic(
     ms = tuple(_as_bits(t, bf16) for t in tensors)
     nblk = max(1, min(4 * numba.get_num_threads(), b.shape[0] // 65536))
     n = b.shape[0]
+    tbits = np.zeros(len(ms), np.uint32)
     if thresholds is not None and any(x is not None for x in thresholds):
         tbits = np.array([np.float32(max(x, 0.0)).view(np.uint32) for x in thresholds], np.uint32)
     elif densities is not None:
-        ks = [None if d >= 1.0 else keep_count(n, d) for d in densities]
-        tbits = threshold_bits(b, ms, shift, ks, nblk)
-    else:
-        tbits = np.zeros(len(ms), np.uint32)
+        tbits = threshold_bits(b, ms, shift, [None if d >= 1.0 else keep_count(n, d) for d in densities], nblk)
     w = np.asarray(weights, np.float32)
     total = np.float32(w.sum(dtype=np.float32)) if mode == MODE_SUM else np.float32(1.0)
     if mode == MODE_SUM and normalize and abs(float(total)) < 1e-8:
         return None  # the torch path raises (paper) or leaves the sum undivided (mergekit)
+    if dare is not None:  # the same uniform draws as dare_drop: torch.rand from each model's generator
+        drop_rates, rescale, generators = dare
+        uniforms = tuple(torch.rand(base.shape, generator=g, dtype=torch.float32).reshape(-1).numpy()
+                         for g in generators)
+        drops = np.asarray(drop_rates, np.float32)
+        scales = np.array([1.0 / (1.0 - p) if rescale and p > 0 else 1.0 for p in drop_rates], np.float32)
+    else:
+        uniforms = tuple(np.empty(0, np.float32) for _ in ms)
+        drops = scales = np.zeros(len(ms), np.float32)
     out_bf16 = out_dtype == torch.bfloat16
     result = torch.empty(base.shape, dtype=torch.bfloat16 if out_bf16 else torch.float32)
     out = result.reshape(-1).view(torch.int16 if out_bf16 else torch.int32).numpy()
     out = out.view(np.uint16 if out_bf16 else np.uint32)
-    kernel = _COMBINE[out_bf16][mode]
+    kernel = _COMBINE[(out_bf16, dare is not None)][mode]
+    common = (b, ms, shift, tbits, uniforms, drops, scales, w)
     if mode == MODE_SUM:
-        kernel(b, ms, shift, tbits, w, total, np.float32(lam), normalize, out, nblk)
+        kernel(*common, total, np.float32(lam), normalize, out, nblk)
     else:
-        kernel(b, ms, shift, tbits, w, np.float32(lam), count_vote, normalize, out, nblk)
+        kernel(*common, np.float32(lam), count_vote, normalize, out, nblk)
     return result if out_dtype != torch.float16 else result.to(torch.float16)
 
 

@@ -423,8 +423,8 @@ def _normalize(default, doc="divide by the number (paper) / weight (mergekit) of
 
 
 def _gta_fused(sparsifier: str | None, consensus: bool, normalize_default: dict[str, bool]):
-    """The fused (numba) version of `_gta_kernel` for the methods without randomness."""
-    if sparsifier not in (None, "magnitude"):
+    """The fused (numba) version of `_gta_kernel`: magnitude trim, DARE, or no sparsification."""
+    if sparsifier not in (None, "magnitude", "random"):
         return None
 
     def fused(base, tensors, name, p, out_dtype):
@@ -442,10 +442,13 @@ def _gta_fused(sparsifier: str | None, consensus: bool, normalize_default: dict[
                     return None  # the torch path raises the explanatory error
             else:
                 densities = p["density"]
+        dare = None
+        if sparsifier == "random":  # same generators, same draws as the torch kernel's dare_drop
+            dare = (_drop_rates(p), p["rescale"], [tensor_generator(p["seed"] + i, name) for i in range(len(tensors))])
         mode = fz.MODE_SUM if not consensus else (fz.MODE_PAPER if semantics == "paper" else fz.MODE_MERGEKIT)
         return fz.fused_task_arithmetic(
             base, tensors, densities=densities, thresholds=thresholds, weights=p["weight"], lam=_lam(p), mode=mode,
-            count_vote=consensus and p["consensus"] == "count", normalize=normalize, out_dtype=out_dtype,
+            count_vote=consensus and p["consensus"] == "count", normalize=normalize, out_dtype=out_dtype, dare=dare,
         )
 
     return fused
