@@ -17,6 +17,10 @@
   `normalize` divides by the sum of the weights of the agreeing models.
 
 With unit weights the two agree except where the elected mass is exactly 0.
+On float32 checkpoints, semantics="mergekit" reproduces mergekit 0.1.5's
+`ties` output bit for bit (checked against mergekit-yaml with mixed densities
+and a negative weight); the one deliberate difference is at exact magnitude
+ties with the k-th largest entry, which taskvec all keeps (see trim_topk).
 """
 from __future__ import annotations
 
