@@ -455,13 +455,6 @@ def _check_method_and_parameters(cfg: MergeConfig, where: str) -> None:
 # ---------------------------------------------------------------- plan
 
 @dataclass
-class _Position:
-    """One input of the merge ("the j-th model"), assembled from each slice's j-th source."""
-
-    sources: list[SliceSource]  # one per output slice
-
-
-@dataclass
 class CompiledMerge:
     """What `run_config` hands to the executor: sources and per-tensor parameter values."""
 
@@ -594,9 +587,16 @@ def _merge_equal_columns(table):
         modules.setdefault(col.split(".")[0], []).append(col)
     out = {}
     for cols in groups.values():
-        head = cols[0].split(".")[0]
-        name = f"{head}.*" if len(cols) > 1 and sorted(modules[head]) == sorted(cols) else ", ".join(cols)
-        out[name] = table[cols[0]]
+        parts: list[str] = []
+        for col in cols:
+            head = col.split(".")[0]
+            if set(modules[head]) <= set(cols):  # the whole module agrees: name it once
+                part = f"{head}.*" if len(modules[head]) > 1 else col.removesuffix(".weight")
+                if part not in parts:
+                    parts.append(part)
+            else:
+                parts.append(col)
+        out[", ".join(parts)] = table[cols[0]]
     return pd.DataFrame(out, index=table.index)
 
 
