@@ -315,11 +315,14 @@ def _build_encoder(store: ZooCache, mode: str, seed: int) -> None:
     heads = {}
     for task in all_tasks:
         key, rel = f"heads/{task}", f"heads/{task}.safetensors"
-        deps = {"base": base_hash, "data": data_sha[task], "max_length": max_length, "seed": seed}
+        deps = {"base": base_hash, "data": data_sha[task], "max_length": max_length, "seed": seed,
+                "fit_on": "probe+train" if task in recipe["control"] else "probe"}
         td = datasets[task]
         if _ensure(store, key, deps):
-            feats = base_features(base, tokenizer, td, "probe", max_length)
-            head = fit_probe(feats, td.targets("probe"), td, seed=seed)
+            # a control task is never fine-tuned: its head may use the train split too (a steadier probe)
+            fit_splits = ("probe", "train") if task in recipe["control"] else ("probe",)
+            feats = torch.cat([base_features(base, tokenizer, td, s, max_length) for s in fit_splits])
+            head = fit_probe(feats, [y for s in fit_splits for y in td.targets(s)], td, seed=seed)
             tmp = store.staging(rel)
             head.save(tmp)
             metrics = {f"base_{s}": accuracy(base, head, tokenizer, td.texts(s), td.targets(s), max_length=max_length)
@@ -357,7 +360,7 @@ def _build_encoder(store: ZooCache, mode: str, seed: int) -> None:
                               for t in all_tasks}
     store.manifest["recipe"] = {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in recipe.items()},
                                 "method": "EMTA: frozen logistic-regression probe head per task (fit on the probe "
-                                          "split of base features); encoder fine-tuned with AdamW, linear decay, "
+                                          "split of base features; the control's on probe+train); encoder fine-tuned with AdamW, linear decay, "
                                           "word embeddings frozen; sentence features = masked mean pool"}
 
 
