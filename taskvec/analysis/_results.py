@@ -1,10 +1,8 @@
 """Base class of analysis results: tidy tables that print, render in notebooks, plot and save themselves."""
 from __future__ import annotations
 
-import contextlib
 import html
 import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -14,18 +12,12 @@ from taskvec.errors import OutputError
 
 def write_csv_atomic(df: pd.DataFrame, path: Path) -> Path:
     """Write a CSV under `path` via a temp file in the same folder + rename."""
+    from taskvec.viz.style import atomic_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            df.to_csv(fh, index=False)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, "w") as fh:
+        df.to_csv(fh, index=False)
     return path
 
 

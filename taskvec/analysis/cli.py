@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="trim scope: top-k per tensor (mergekit, default) or over the whole vector (TIES paper)")
     p.add_argument("--curve", action="store_true", help="also compute sign conflicts vs density (one more pass)")
     p.add_argument("--eps", type=float, default=1e-6, help="|tau| <= eps counts as ~zero in the profile (default 1e-6)")
+    p.add_argument("--title", help="caption on every figure (default: 'task vectors of FT... relative to BASE')")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-figures", action="store_true", help="write CSVs and summary only")
     return p
@@ -89,7 +90,9 @@ def run(args: argparse.Namespace) -> Path:
             summary += ["(one task vector: cosine matrix and sign conflicts need at least two)"]
 
         if not args.no_figures:
+            caption = args.title or f"task vectors of {', '.join(names)} relative to {_label(args.base)}"
             for fig, name in figures:
+                fig.suptitle(caption, fontsize=9, color="0.35", x=0.01, ha="left")
                 save_figure(fig, name, tmp)
         (tmp / "summary.txt").write_text("\n".join(summary) + "\n")
         if out.exists():

@@ -204,8 +204,8 @@ class SignConflicts(AnalysisResult):
 
 _VALUE_LABELS = {
     "frac_conflict_after": "parameters with conflicting signs",
-    "conflict_given_overlap_after": "conflicts among parameters >= 2 tasks keep",
-    "frac_overlap_after": "parameters >= 2 tasks keep",
+    "conflict_given_overlap_after": "conflicts among parameters ≥ 2 tasks keep",
+    "frac_overlap_after": "parameters ≥ 2 tasks keep",
 }
 
 
@@ -267,7 +267,7 @@ class ConflictCurve(AnalysisResult):
                 c = self.curve
                 long = pd.concat([
                     pd.DataFrame({"density": c["density"], "pct": c["frac_conflict_after"] * 100, "measure": "conflicting (% of all parameters)"}),
-                    pd.DataFrame({"density": c["density"], "pct": c["conflict_given_overlap_after"] * 100, "measure": "conflicting (% of parameters >= 2 tasks keep)"}),
+                    pd.DataFrame({"density": c["density"], "pct": c["conflict_given_overlap_after"] * 100, "measure": "conflicting (% of parameters ≥ 2 tasks keep)"}),
                 ])
                 lines(ax, long, x="density", y="pct", hue="measure", logx=True,
                       title="Sign conflicts vs TIES trim density", xlabel=r"density $k$ (fraction of $|\tau|$ kept)",

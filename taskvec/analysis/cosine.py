@@ -141,7 +141,7 @@ class CosineMatrix(AnalysisResult):
                 size = 1.5 + 0.95 * n
                 fig, ax = new_figure(figsize=(size + 1.6, size))
                 heatmap(ax, m, title="Cosine similarity between task vectors", xlabel="task vector", ylabel="task vector",
-                        cbar_label=r"$\cos(\tau_i, \tau_j)$", diverging=True, vmax=lim, fmt=".3f" if lim < 0.1 else ".2f")
+                        cbar_label=r"$\cos(\tau_i, \tau_j)$", diverging=True, vmax=lim, fmt=".3f" if lim <= 0.1 else ".2f")
             else:
                 p = self.pairs(by)
                 col = "group" if callable(by) else str(by)
@@ -149,6 +149,9 @@ class CosineMatrix(AnalysisResult):
                 order = list(dict.fromkeys(p[col]))
                 table = p.pivot(index=col, columns="pair", values="cosine").reindex(order)
                 table = table[list(dict.fromkeys(p["pair"]))]
+                # groups no task vector touches (all-zero deltas, e.g. a frozen pooler) have no cosine: drop them
+                empty = [str(g) for g in table.index[table.isna().all(axis=1)]]
+                table = table.dropna(how="all")
                 lim = vmax
                 if lim is None:
                     from taskvec.viz import symmetric_limit
@@ -159,7 +162,10 @@ class CosineMatrix(AnalysisResult):
                 fig, ax = new_figure(figsize=(w, h))
                 what = "layer" if by == "layer" else "module type" if by == "module" else "group"
                 heatmap(ax, table, title=f"Task-vector cosine similarity per {what}", xlabel="task-vector pair",
-                        ylabel=what, cbar_label="cosine", diverging=True, vmax=lim, fmt=".3f" if lim < 0.1 else ".2f")
+                        ylabel=what, cbar_label="cosine", diverging=True, vmax=lim, fmt=".3f" if lim <= 0.1 else ".2f")
+                if empty:
+                    ax.text(0.0, -0.02, f"no change (all-zero deltas), not shown: {', '.join(empty)}", transform=fig.transFigure,
+                            fontsize=8.5, color="0.3", va="bottom")
         return fig
 
 

@@ -227,14 +227,20 @@ class Profile(AnalysisResult):
         h = self.histogram
         shown = h[(h["bin_lo"] > 0) & np.isfinite(h["bin_hi"])]
         nonzero = shown[shown["count"] > 0]
+        single = len(self.task_names) == 1
         for task in self.task_names:
             s = shown[shown["task"] == task]
-            log_histogram(ax, s["bin_lo"].to_numpy(), s["bin_hi"].to_numpy(), s["fraction"].to_numpy(), label=task)
+            log_histogram(ax, s["bin_lo"].to_numpy(), s["bin_hi"].to_numpy(), s["fraction"].to_numpy(), label=task, fill=single)
         if len(nonzero):
             # Show the bulk: from where the first 0.01 % of entries is passed to the largest bin in use.
             cum = shown.groupby("bin_lo")["fraction"].sum().cumsum()
             lo = cum.index[np.searchsorted(cum.to_numpy(), 1e-4 * cum.iloc[-1])]
-            ax.set_xlim(lo / 2, nonzero["bin_hi"].max() * 2)
+            ax.set_xlim(lo / 2, max(nonzero["bin_hi"].max(), DARE_DELTA_LIMIT) * 2)
+        zero = h[h["bin_hi"] <= HIST_EDGES[1]].groupby("task")["fraction"].sum()
+        if zero.max() > 0.001:
+            # The [0, 1e-10) bin can't sit on a log axis; say how much of the vector it holds.
+            ax.text(0.02, 0.02, f"not shown: {zero.min():.1%}" + ("" if single else f"-{zero.max():.1%}")
+                    + " of entries have |τ| < 1e-10 (unchanged)", transform=ax.transAxes, fontsize=8.5, color="0.3")
         ax.axvline(DARE_DELTA_LIMIT, color="0.35", linestyle="--", linewidth=1)
         ax.text(DARE_DELTA_LIMIT, 0.98, " 0.005 (DARE limit)", transform=ax.get_xaxis_transform(), va="top", fontsize=8.5, color="0.3")
         ax.set_ylim(bottom=0)

@@ -112,17 +112,25 @@ def save_figure(fig: Figure, name: str, dir: str | os.PathLike = "figures", *, f
     with matplotlib.rc_context(house_rc()):
         for fmt in formats:
             final = out_dir / f"{stem}.{fmt}"
-            fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".{fmt}.tmp", dir=out_dir)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    # No dates or version strings: the same figure always gives the same bytes.
-                    metadata = {"Date": None, "Creator": None} if fmt == "svg" else {"Software": None} if fmt == "png" else None
-                    fig.savefig(fh, format=fmt, metadata=metadata)
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, final)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
+            with atomic_file(final, "wb") as fh:
+                # No dates or version strings: the same figure always gives the same bytes.
+                metadata = {"Date": None, "Creator": None} if fmt == "svg" else {"Software": None} if fmt == "png" else None
+                fig.savefig(fh, format=fmt, metadata=metadata)
             written[fmt] = final
     return written
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb"):
+    """Open a temp file beside `path`; rename it onto `path` only if the block succeeds (else delete it)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""})) as fh:
+            yield fh
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
