@@ -1,0 +1,144 @@
+"""`ZooLab`: an encoder zoo held in memory for interactive work.
+
+The notebooks and `taskvec demo` move sliders over λ, density, drop rate and t,
+and each move needs a model evaluated in seconds. ZooLab keeps the base weights,
+each task's fine-tuned weights and frozen head in memory, builds weights with
+the library's own functions (`TaskVector` algebra, `taskvec.merging.merge`) and
+scores them with `taskvec.eval` on a fixed, seeded, class-stratified subset of
+each split (``limit`` examples per task; ``None`` = the whole split, which gives
+the zoo manifest's numbers).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Mapping, Sequence
+
+import torch
+
+from taskvec.errors import ParameterError
+
+
+def _subset(n: int, limit: int | None, seed: int) -> list[int]:
+    if limit is None or limit >= n:
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n, generator=g)[:limit].tolist())
+
+
+class ZooLab:
+    """Base, fine-tuned weights and heads of an encoder zoo in memory; fast accuracy on split subsets."""
+
+    def __init__(self, zoo, *, limit: int | None = None, seed: int = 0):
+        if zoo.kind != "encoder":
+            raise ParameterError(f"ZooLab needs an encoder zoo (accuracy per task); {zoo.name!r} is a {zoo.kind} zoo")
+        self.zoo = zoo
+        self.limit = limit
+        self.seed = seed
+        self.tasks: list[str] = list(zoo.tasks)
+        self.control: list[str] = list(zoo.control_tasks)
+        self.model = zoo.load("base")  # the working module: weights are loaded into it for each evaluation
+        self.base: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.tokenizer = zoo.tokenizer()
+        self.max_length = zoo.manifest.get("recipe", {}).get("max_length", 48)
+        self._ft: dict[str, dict[str, torch.Tensor]] = {}
+        self._heads = {t: zoo.head(t) for t in self.tasks + self.control}
+        self._data = {t: zoo.task_data(t) for t in self.tasks + self.control}
+
+    def __repr__(self):
+        return (f"ZooLab({self.zoo.name!r}, mode={self.zoo.mode!r}, tasks={self.tasks}, control={self.control}, "
+                f"limit={self.limit})")
+
+    # ------------------------------------------------------------ weights
+    def finetuned(self, task: str) -> dict[str, torch.Tensor]:
+        """Task `task`'s fine-tuned state dict (cached)."""
+        if task not in self.tasks:
+            raise ParameterError(f"no fine-tuned model for task {task!r}; tasks: {self.tasks}")
+        if task not in self._ft:
+            from taskvec.io import open_source
+
+            src = open_source(str(self.zoo.models[task]))
+            self._ft[task] = {k: src.get(k).clone() for k in src.keys()}
+        return self._ft[task]
+
+    @functools.lru_cache(maxsize=None)
+    def task_vector(self, task: str):
+        """τ_task = θ_task − θ_base as a (lazy) `TaskVector` over the in-memory weights."""
+        from taskvec.vector import TaskVector
+
+        return TaskVector.from_models(self.base, self.finetuned(task))
+
+    def task_vectors(self, tasks: Sequence[str] | None = None) -> dict:
+        return {t: self.task_vector(t) for t in (tasks or self.tasks)}
+
+    def apply(self, coefficients: Mapping[str, float]) -> dict[str, torch.Tensor]:
+        """θ₀ + Σ_i λ_i τ_i (task arithmetic; a negative λ negates)."""
+        if not coefficients:
+            return dict(self.base)
+        tv = sum(float(lam) * self.task_vector(t) for t, lam in coefficients.items())
+        return tv.apply_to(self.base, show_progress=False)
+
+    def merge(self, method: str, tasks: Sequence[str] | None = None, **params) -> dict[str, torch.Tensor]:
+        """`taskvec.merging.merge(θ₀, [θ_task ...], method, **params)` on the in-memory weights."""
+        from taskvec.merging import merge
+
+        return merge(self.base, [self.finetuned(t) for t in (tasks or self.tasks)], method=method, progress=False,
+                     **params)
+
+    # ------------------------------------------------------------ evaluation
+    def _examples(self, task: str, split: str):
+        data = self._data[task]
+        texts, labels = data.texts(split), data.targets(split)
+        keep = _subset(len(texts), self.limit, self.seed)
+        return [texts[i] for i in keep], [labels[i] for i in keep]
+
+    @torch.no_grad()
+    def accuracy(self, weights: Mapping[str, torch.Tensor] | None = None, *, split: str = "test",
+                 tasks: Sequence[str] | None = None) -> dict[str, float]:
+        """{task: accuracy} of `weights` (None = the base) with each task's frozen head."""
+        from taskvec.eval.classification import accuracy_from_predictions, predict
+
+        state = self.base if weights is None else weights
+        missing = self.model.load_state_dict(state, strict=False).missing_keys
+        missing = [k for k in missing if self.base[k].is_floating_point()]
+        if missing:
+            raise ParameterError(f"weights lack {len(missing)} float tensor(s) of the model, e.g. {missing[:3]}")
+        out = {}
+        for task in (tasks or self.tasks + self.control):
+            texts, labels = self._examples(task, split)
+            pred = predict(self.model, self._heads[task], self.tokenizer, texts, max_length=self.max_length)
+            out[task] = accuracy_from_predictions(pred, labels)
+        return out
+
+    @functools.lru_cache(maxsize=None)
+    def _reference(self, which: str, split: str) -> dict[str, float]:
+        if which == "base":
+            return self.accuracy(None, split=split)
+        return {t: self.accuracy(self.finetuned(t), split=split, tasks=[t])[t] for t in self.tasks}
+
+    def base_accuracy(self, split: str = "test") -> dict[str, float]:
+        """Accuracy of the base encoder with each task's frozen head (EMTA's zero-shot)."""
+        return dict(self._reference("base", split))
+
+    def finetuned_accuracy(self, split: str = "test") -> dict[str, float]:
+        """Each fine-tuned model on its own task (the normaliser of TIES' normalised accuracy)."""
+        return dict(self._reference("finetuned", split))
+
+    def normalized(self, acc: Mapping[str, float], split: str = "test") -> dict[str, float]:
+        """accuracy / fine-tuned accuracy, per fine-tuned task."""
+        ft = self.finetuned_accuracy(split)
+        return {t: acc[t] / ft[t] for t in acc if t in ft and ft[t]}
+
+    def table(self, rows: Mapping[str, Mapping[str, torch.Tensor] | None], *, split: str = "test"):
+        """Tidy DataFrame: one row per (model label, task) with accuracy and normalised accuracy."""
+        import pandas as pd
+
+        ft = self.finetuned_accuracy(split)
+        base = self.base_accuracy(split)
+        records = []
+        for label, weights in rows.items():
+            for task, acc in self.accuracy(weights, split=split).items():
+                records.append({"model": label, "task": task, "accuracy": acc, "base_accuracy": base[task],
+                                "finetuned_accuracy": ft.get(task),
+                                "normalized": acc / ft[task] if ft.get(task) else None,
+                                "control": task in self.control})
+        return pd.DataFrame(records)
