@@ -1,0 +1,478 @@
+"""TIES and DARE views over a `ZooLab`: ablations, method comparisons, drop-rate curves, delta ranges.
+
+What notebooks 03 (TIES) and 04 (DARE) call, as plain functions of their
+parameters returning DataFrames or Figures (sliders call the `*_view`s).
+
+Merged task vectors are computed once per setting (trim density, drop rate)
+and then scaled: for every method here the merged model is linear in λ,
+θ(λ) = θ₀ + λ·τ_m, so a λ search costs evaluations, not merges. λ is chosen
+on the validation split and reported on the test split (TIES, EMTA).
+
+The TIES ablation is built from the per-tensor steps of `taskvec.methods`
+(`trim_topk`, `elect_sign`, `agreement`), so each switch removes exactly one
+step; its full variant equals `merge(method="ties")` (tests check it).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from taskvec._progress import progress
+from taskvec.errors import ParameterError
+from taskvec.viz import new_figure, style
+
+#: λ grids searched on validation data. TIES' disjoint mean has the size of one task's update (λ ≈ 1,
+#: the paper searches 0.8-3.0); task arithmetic sums n task vectors (λ ≈ 0.3-0.5, EMTA).
+TIES_LAMBDAS = (0.8, 1.0, 1.2, 1.5, 2.0)
+TASK_ARITHMETIC_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+#: DARE Fig. 1's drop rates (the paper goes up to 0.99).
+DARE_DROP_RATES = (0.0, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+#: DARE's reported limit: drop-and-rescale degrades once |τ| exceeds about this (DARE Sec. 4.2).
+DARE_DELTA_LIMIT = 0.005
+
+WeightsFor = Callable[[float], dict]
+
+
+# ------------------------------------------------------------------ task vectors as plain tensors
+
+def float_keys(lab) -> list[str]:
+    """Names of the parameters that carry task vectors (floating point), in the base's order."""
+    return [k for k, v in lab.base.items() if v.is_floating_point()]
+
+
+def iter_task_deltas(lab, tasks: Sequence[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, stacked float32 deltas [n_tasks, *shape]) tensor by tensor, straight from the in-memory weights."""
+    tasks = list(tasks or lab.tasks)
+    for key in float_keys(lab):
+        base = lab.base[key].to(torch.float32)
+        yield key, torch.stack([lab.finetuned(t)[key].to(torch.float32) - base for t in tasks])
+
+
+def sampled_task_vectors(lab, every: int = 1, tasks: Sequence[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """{task: {name: flattened τ entries}}: every entry (every=1) or a fixed strided sample of each tensor.
+
+    The stride is made coprime with each tensor's row length, so a sample walks through all columns
+    instead of repeating the same ones (an unbiased systematic sample for per-entry statistics such as
+    sign-conflict fractions and magnitude histograms, `every` times cheaper to analyse)."""
+    every = int(every)
+    if every < 1:
+        raise ParameterError(f"every must be a positive integer, got {every!r}")
+    tasks = list(tasks or lab.tasks)
+    out: dict[str, dict[str, torch.Tensor]] = {t: {} for t in tasks}
+    for key, stacked in iter_task_deltas(lab, tasks):
+        flat = stacked.reshape(len(tasks), -1)
+        step = every
+        row = stacked.shape[-1] if stacked.dim() > 1 else 1
+        while step > 1 and math.gcd(step, row) != 1:
+            step += 1
+        if step > 1 and flat.shape[1] >= 2 * step:
+            flat = flat[:, ::step]
+        for i, t in enumerate(tasks):
+            out[t][key] = flat[i].clone()
+    return out
+
+
+def delta_of(lab, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """θ − θ₀ over the float parameters (float32): turns a merge at λ = 1 into its merged task vector."""
+    return {k: weights[k].to(torch.float32) - lab.base[k].to(torch.float32) for k in float_keys(lab)}
+
+
+def scaled(lab, delta: Mapping[str, torch.Tensor]) -> WeightsFor:
+    """weights_for(λ) = θ₀ + λ·delta (in the base's dtypes): a λ slider without re-merging."""
+    def weights(lam: float) -> dict:
+        out = dict(lab.base)
+        for k, d in delta.items():
+            out[k] = (lab.base[k].to(torch.float32) + float(lam) * d).to(lab.base[k].dtype)
+        return out
+
+    return weights
+
+
+def delta_norm(delta: Mapping[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(torch.sum(d.to(torch.float32) ** 2)) for d in delta.values()))
+
+
+# ------------------------------------------------------------------ TIES, step by step
+
+@dataclass(frozen=True)
+class TiesVariant:
+    """One row of the TIES ablation (TIES paper, Table 6 "remove one component at a time").
+
+    trim: keep the top-k |τ| of each tensor (False: keep everything, k = 1).
+    elect: "mass" (γ = sign Σ τ̂, the paper), "count" (γ = sign Σ sign τ̂, majority vote) or None
+        (no election: every kept entry counts, whatever its sign).
+    mean: "disjoint" (divide by the number of entries that count, zeros never dilute) or "plain"
+        (divide by the number of tasks n, as a plain average of the trimmed vectors does).
+    """
+
+    label: str
+    trim: bool = True
+    elect: str | None = "mass"
+    mean: str = "disjoint"
+
+    def __post_init__(self):
+        if self.elect not in ("mass", "count", None):
+            raise ParameterError(f"elect must be 'mass', 'count' or None, got {self.elect!r}")
+        if self.mean not in ("disjoint", "plain"):
+            raise ParameterError(f"mean must be 'disjoint' or 'plain', got {self.mean!r}")
+
+
+TIES_ABLATIONS = (
+    TiesVariant("TIES: trim + elect (mass) + disjoint mean"),
+    TiesVariant("− trim (every entry kept)", trim=False),
+    TiesVariant("− elect (no sign election)", elect=None),
+    TiesVariant("elect by count instead of mass", elect="count"),
+    TiesVariant("plain mean instead of disjoint", mean="plain"),
+)
+
+
+def trimmed_task_vectors(lab, density: float, tasks: Sequence[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """{task: trim_k(τ_task)}: TIES step 1 alone, per tensor (top-k |τ| kept, the rest zeroed).
+
+    Computed as `merge(method="ties")` of that one model (a single model elects its own signs and its
+    disjoint mean is itself), which runs the library's fused top-k kernel: the same values as
+    `taskvec.methods.trim_topk`, several times faster on a whole model."""
+    from taskvec.methods import check_density
+
+    density = check_density(density)
+    return {t: delta_of(lab, lab.merge("ties", tasks=[t], density=density, lam=1.0))
+            for t in (tasks or lab.tasks)}
+
+
+def combine_ties(stacked: torch.Tensor, variant: TiesVariant = TIES_ABLATIONS[0]) -> torch.Tensor:
+    """TIES steps 2-3 on one tensor's stacked (already trimmed or not) task vectors [n, ...]: elect a sign
+    per entry (or not), then average the entries that count (disjoint) or divide by n (plain)."""
+    from taskvec.methods import agreement, elect_sign
+
+    n = stacked.shape[0]
+    if variant.elect is None:
+        counts = (stacked != 0).to(torch.float32)
+    else:
+        counts = agreement(stacked, elect_sign(stacked, variant.elect))
+    total = (stacked * counts).sum(dim=0)
+    if variant.mean == "disjoint":
+        return total.div_(counts.sum(dim=0).clamp_(min=1))
+    return total.div_(n)
+
+
+def ties_tensor(stacked: torch.Tensor, density: float, variant: TiesVariant = TIES_ABLATIONS[0]) -> torch.Tensor:
+    """The merged τ_m of one tensor from raw stacked task vectors [n, ...], with the steps `variant` keeps
+    (the per-tensor reference: `trim_topk`, `elect_sign`, `agreement` from `taskvec.methods`)."""
+    from taskvec.methods import trim_topk
+
+    kept = torch.stack([trim_topk(d, density) for d in stacked]) if variant.trim else stacked.to(torch.float32)
+    return combine_ties(kept, variant)
+
+
+def ties_delta(lab, density: float = 0.2, variant: TiesVariant = TIES_ABLATIONS[0],
+               tasks: Sequence[str] | None = None, *, trimmed: Mapping[str, Mapping[str, torch.Tensor]] | None = None
+               ) -> dict[str, torch.Tensor]:
+    """Merged task vector τ_m of `variant` over the whole model (θ = θ₀ + λ τ_m).
+
+    `trimmed` ({task: trim_k(τ_task)}, from `trimmed_task_vectors`) is reused when given, so several
+    variants at one density trim once."""
+    tasks = list(tasks or lab.tasks)
+    if not variant.trim:
+        return {k: _combine_active_rows(stacked, variant) for k, stacked in iter_task_deltas(lab, tasks)}
+    trimmed = trimmed if trimmed is not None else trimmed_task_vectors(lab, density, tasks)
+    return {k: _combine_active_rows(torch.stack([trimmed[t][k] for t in tasks]), variant) for k in float_keys(lab)}
+
+
+def _combine_active_rows(stacked: torch.Tensor, variant: TiesVariant) -> torch.Tensor:
+    """`combine_ties` on the rows some task changed; other rows merge to 0 anyway. Fine-tuning touches only
+    the embedding rows of tokens in its data (MiniLM: half of all parameters, ~99% of them unchanged)."""
+    if stacked.dim() != 3:
+        return combine_ties(stacked, variant)
+    active = stacked.ne(0).any(dim=2).any(dim=0)
+    if int(active.sum()) > stacked.shape[1] // 2:
+        return combine_ties(stacked, variant)
+    out = torch.zeros(stacked.shape[1:], dtype=torch.float32)
+    out[active] = combine_ties(stacked[:, active], variant)
+    return out
+
+
+# ------------------------------------------------------------------ choosing λ and comparing
+
+def _mean(d: Mapping[str, float], keys: Sequence[str]) -> float:
+    return float(np.mean([d[k] for k in keys]))
+
+
+def evaluate_methods(lab, methods: Mapping[str, tuple[WeightsFor, Sequence[float]] | dict]) -> pd.DataFrame:
+    """One row per method: λ chosen on validation (mean normalised accuracy over the tasks), test accuracy.
+
+    `methods` maps a label to (weights_for(λ), λ grid) or to a fixed state dict (no λ, e.g. averaging).
+    Columns: method, lambda, normalized_accuracy, absolute_accuracy, acc_<task> (tasks and control),
+    norm_<task> (per-task normalised accuracy)."""
+    from taskvec.widgets.views import best_lambda
+
+    rows = []
+    for label, spec in progress(methods.items(), desc="methods", total=len(methods)):
+        if isinstance(spec, tuple):
+            weights_for, lambdas = spec
+            if not lambdas:
+                raise ParameterError(f"{label}: empty λ grid")
+            if len(lambdas) == 1:  # nothing to choose: skip the validation pass
+                lam, acc = float(lambdas[0]), lab.accuracy(weights_for(lambdas[0]), split="test")
+            else:
+                lam, acc = best_lambda(lab, weights_for, lab.tasks, list(lambdas))
+        elif isinstance(spec, Mapping):
+            lam, acc = None, lab.accuracy(spec, split="test")
+        else:
+            raise ParameterError(f"{label}: expected (weights_for, lambdas) or a state dict, got {type(spec).__name__}")
+        norm = lab.normalized(acc)
+        rows.append({"method": label, "lambda": lam, "normalized_accuracy": _mean(norm, lab.tasks),
+                     "absolute_accuracy": _mean(acc, lab.tasks),
+                     **{f"acc_{t}": acc[t] for t in acc}, **{f"norm_{t}": norm[t] for t in lab.tasks}})
+    return pd.DataFrame(rows)
+
+
+def ties_ablation(lab, density: float = 0.2, lambdas: Sequence[float] = TIES_LAMBDAS,
+                  variants: Sequence[TiesVariant] = TIES_ABLATIONS) -> pd.DataFrame:
+    """TIES with one step removed or swapped at a time (TIES Table 6), λ chosen on validation for each.
+
+    Every variant searches the same distances from θ₀: its τ_m is rescaled to the norm of full TIES' τ_m
+    before λ, so that a variant whose mean is simply smaller (a plain mean divides by n) is not penalised
+    by a grid that never reaches its best λ. The `lambda` column is the coefficient actually applied
+    to the variant's own τ_m; `norm` is ‖τ_m‖."""
+    trimmed = trimmed_task_vectors(lab, density)
+    deltas = {v.label: ties_delta(lab, density, v, trimmed=trimmed) for v in progress(variants, desc="TIES variants")}
+    del trimmed
+    ref = delta_norm(deltas[variants[0].label])
+    methods, factors, norms = {}, {}, {}
+    for v in variants:
+        norms[v.label] = delta_norm(deltas[v.label])
+        factors[v.label] = ref / norms[v.label] if norms[v.label] else 1.0
+        methods[v.label] = (scaled(lab, deltas[v.label]), [lam * factors[v.label] for lam in lambdas])
+    df = evaluate_methods(lab, methods)
+    df.insert(1, "density", float(density))
+    df.insert(3, "norm", df["method"].map(norms))
+    df["trim"] = [v.trim for v in variants]
+    df["elect"] = [v.elect or "none" for v in variants]
+    df["mean"] = [v.mean for v in variants]
+    return df
+
+
+def ties_vs_baselines(lab, density: float = 0.2, ties_lambdas: Sequence[float] = TIES_LAMBDAS,
+                      ta_lambdas: Sequence[float] = TASK_ARITHMETIC_LAMBDAS, *, include_ties: bool = True) -> pd.DataFrame:
+    """TIES (`merge(method="ties")`), task arithmetic (θ₀ + λ Σ τ_i) and averaging (Σ θ_i / n), all tasks.
+
+    include_ties=False leaves TIES out (when its row is already measured, e.g. by `ties_ablation`)."""
+    methods: dict = {}
+    if include_ties:
+        ties = delta_of(lab, lab.merge("ties", density=density, lam=1.0))
+        methods[f"TIES (k = {density:g})"] = (scaled(lab, ties), ties_lambdas)
+    methods["task arithmetic"] = (scaled(lab, delta_of(lab, lab.merge("task_arithmetic", lam=1.0))), ta_lambdas)
+    methods["averaging"] = lab.merge("linear")
+    return evaluate_methods(lab, methods)
+
+
+def ties_view(lab, density: float = 0.2, lam: float = 1.0, *, _cache: dict = {}):  # noqa: B006 (per-process cache)
+    """Per-task test accuracy of TIES at (density k, λ) next to the base and each fine-tuned model.
+
+    The merged τ_m for a density is cached, so moving the λ slider costs one evaluation."""
+    from taskvec.methods import check_density
+
+    key = (id(lab), round(check_density(density), 6))
+    if key not in _cache:
+        if len(_cache) >= 4:
+            _cache.pop(next(iter(_cache)))
+        _cache[key] = delta_of(lab, lab.merge("ties", density=density, lam=1.0))
+    acc = lab.accuracy(scaled(lab, _cache[key])(lam), split="test", tasks=lab.tasks)
+    base, ft = lab.base_accuracy(), lab.finetuned_accuracy()
+    norm = _mean(lab.normalized(acc), lab.tasks)
+    x = np.arange(len(lab.tasks))
+    with style():
+        fig, ax = new_figure(figsize=(7.5, 3.9))
+        ax.bar(x - 0.27, [base[t] for t in lab.tasks], 0.27, color="0.65", label="base θ₀")
+        ax.bar(x, [acc[t] for t in lab.tasks], 0.27, color="C1", label=f"TIES k = {density:.2f}, λ = {lam:.2f}")
+        ax.bar(x + 0.27, [ft[t] for t in lab.tasks], 0.27, color="C2", label="fine-tuned on the task")
+        ax.set_xticks(x, lab.tasks)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"One TIES-merged model for all tasks (normalised accuracy {norm:.3f})")
+        ax.legend(loc="lower right", fontsize=8.5)
+    return fig
+
+
+def plot_ties_ablation(df: pd.DataFrame, title: str = "TIES ablation: remove one step at a time"):
+    """Horizontal bars of mean normalised test accuracy per variant, full TIES first and highlighted."""
+    with style():
+        fig, ax = new_figure(figsize=(7.6, 0.5 * len(df) + 1.7))
+        y = np.arange(len(df))
+        colors = ["C1" if i == 0 else "C0" for i in range(len(df))]
+        ax.barh(y, df["normalized_accuracy"], color=colors)
+        for i, v in enumerate(df["normalized_accuracy"]):
+            ax.text(v + 0.004, i, f"{v:.3f}", va="center", fontsize=9)
+        ax.set_yticks(y, [f"{m}  (λ={lam:.2g})" for m, lam in zip(df["method"], df["lambda"])])
+        ax.invert_yaxis()
+        lo = max(0.0, float(df["normalized_accuracy"].min()) - 0.08)
+        ax.set_xlim(lo, max(1.02, float(df["normalized_accuracy"].max()) + 0.05))
+        ax.axvline(1.0, color="C2", ls=":", lw=1, label="fine-tuned models")
+        ax.axvline(float(df["normalized_accuracy"].iloc[0]), color="C1", ls="--", lw=1, label="full TIES")
+        ax.set_xlabel("mean normalised test accuracy (acc / fine-tuned acc)")
+        ax.set_title(title)
+        ax.legend(loc="lower right", fontsize=8.5)
+    return fig
+
+
+# ------------------------------------------------------------------ DARE
+
+def delta_range(lab, tasks: Sequence[str] | None = None, sample_every: int = 1) -> pd.DataFrame:
+    """Per task: how large the deltas are (DARE's precondition: SFT deltas are small, |τ| ≲ 0.005).
+
+    Exact over every entry: ‖τ‖, max |τ|, fraction unchanged (τ = 0), fraction above 0.005. Quantiles of
+    |τ| among the changed entries (p50, p90, p99) on every `sample_every`-th entry (1: all)."""
+    tasks = list(tasks or lab.tasks)
+    sq = {t: 0.0 for t in tasks}
+    mx = {t: 0.0 for t in tasks}
+    zero = {t: 0 for t in tasks}
+    above = {t: 0 for t in tasks}
+    n = 0
+    samples: dict[str, list[torch.Tensor]] = {t: [] for t in tasks}
+    for _, stacked in iter_task_deltas(lab, tasks):
+        flat = stacked.reshape(len(tasks), -1).abs_()
+        n += flat.shape[1]
+        for i, t in enumerate(tasks):
+            a = flat[i]
+            sq[t] += float(torch.dot(a, a))
+            mx[t] = max(mx[t], float(a.max())) if a.numel() else mx[t]
+            zero[t] += int((a == 0).sum())
+            above[t] += int((a > DARE_DELTA_LIMIT).sum())
+            s = a[::sample_every] if sample_every > 1 else a
+            samples[t].append(s[s > 0])
+    rows = []
+    for t in tasks:
+        nz = torch.cat(samples[t]) if samples[t] else torch.zeros(0)
+        q = (torch.quantile(nz[torch.linspace(0, len(nz) - 1, min(len(nz), 1_000_000)).long()].double(),
+                            torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
+             if len(nz) else [float("nan")] * 3)
+        rows.append({"task": t, "numel": n, "norm": math.sqrt(sq[t]), "max_abs": mx[t],
+                     "frac_unchanged": zero[t] / n, "frac_above_0.005": above[t] / n,
+                     "p50_abs_changed": q[0], "p90_abs_changed": q[1], "p99_abs_changed": q[2]})
+    return pd.DataFrame(rows)
+
+
+def plot_delta_range(df: pd.DataFrame):
+    """Per task, the span of |τ| among changed entries (median, p90, p99, max) against DARE's 0.005 line."""
+    with style():
+        fig, ax = new_figure(figsize=(7.0, 0.55 * len(df) + 1.8))
+        y = np.arange(len(df))
+        ax.hlines(y, df["p50_abs_changed"], df["max_abs"], color="C0", lw=2.5, label="median → max |τ|")
+        for col, marker, label in (("p50_abs_changed", "o", "median"), ("p90_abs_changed", "s", "90th pct"),
+                                   ("p99_abs_changed", "D", "99th pct"), ("max_abs", "|", "max")):
+            ax.plot(df[col], y, marker, ms=8 if marker != "|" else 16, mew=2, ls="none", label=label)
+        ax.axvline(DARE_DELTA_LIMIT, color="C3", ls="--", lw=1.2, label="0.005 (DARE's limit)")
+        ax.set_xscale("log")
+        ax.set_yticks(y, df["task"])
+        ax.invert_yaxis()
+        ax.set_xlabel(r"$|\tau|$ of changed entries (log scale)")
+        ax.set_title("How large are the fine-tuning deltas? (all below 0.005 → DARE-friendly)"
+                     if (df["max_abs"] <= DARE_DELTA_LIMIT).all() else "How large are the fine-tuning deltas?")
+        ax.legend(loc="lower left", fontsize=8, ncol=2)
+    return fig
+
+
+def dare_curve(lab, tasks: Sequence[str] | None = None, ps: Sequence[float] = DARE_DROP_RATES,
+               rescale: Sequence[bool] = (True, False), seed: int = 0) -> pd.DataFrame:
+    """DARE Fig. 1 on the zoo: for each task, θ₀ + DARE(τ_task, p) on that task's test split, for every p,
+    with and without the 1/(1−p) rescale (`taskvec.analysis.dare_sweep` with `views.accuracy_fn`).
+
+    Tidy rows: task, drop_rate, rescale, accuracy, normalized (acc / fine-tuned acc), base_accuracy,
+    finetuned_accuracy and dare_sweep's weight statistics (cosine_to_tau, norm_ratio, frac_kept)."""
+    from taskvec.analysis import dare_sweep
+    from taskvec.widgets.views import accuracy_fn
+
+    tasks = list(tasks or lab.tasks)
+    base, ft = lab.base_accuracy(), lab.finetuned_accuracy()
+    frames = []
+    for t in tasks:
+        sweep = dare_sweep(lab.task_vector(t), ps=ps, rescale=rescale, eval_fn=accuracy_fn(lab, [t]),
+                           base=lab.base, seed=seed, eval_base=False, name=t)
+        d = sweep.data.rename(columns={f"acc_{t}": "accuracy"})
+        d.insert(0, "task", t)
+        d["base_accuracy"] = base[t]
+        d["finetuned_accuracy"] = ft[t]
+        d["normalized"] = d["accuracy"] / ft[t]
+        frames.append(d)
+    return pd.DataFrame(pd.concat(frames, ignore_index=True))
+
+
+def _drop_axis(ax, ps):
+    """x = −log10(1 − p): spreads 0.9 / 0.99 apart (where DARE's claim lives) while keeping p labels."""
+    ticks = [p for p in (0.0, 0.5, 0.9, 0.99) if min(ps) <= p <= max(ps)]
+    ax.set_xticks([-math.log10(1 - p) for p in ticks], [f"{p:g}" for p in ticks])
+    ax.set_xlabel("drop rate p (fraction of delta entries reset to θ₀)")
+
+
+def plot_dare_curve(df: pd.DataFrame):
+    """DARE Fig. 1: one panel per task, accuracy vs drop rate with and without rescale, base and fine-tuned."""
+    tasks = list(dict.fromkeys(df["task"]))
+    with style():
+        fig, axes = new_figure(1, len(tasks), figsize=(3.3 * len(tasks) + 0.6, 3.9), sharey=True)
+        axes = np.atleast_1d(axes)
+        for ax, t in zip(axes, tasks):
+            d = df[df["task"] == t]
+            for r, color, label in ((True, "C0", "DARE: drop + rescale 1/(1−p)"), (False, "C3", "drop only (no rescale)")):
+                s = d[d["rescale"] == r].sort_values("drop_rate")
+                if len(s):
+                    ax.plot(-np.log10(1 - s["drop_rate"]), s["accuracy"], "o-", color=color, lw=2, label=label)
+            ax.axhline(d["finetuned_accuracy"].iloc[0], color="C2", ls=":", lw=1.3, label="fine-tuned (p = 0)")
+            ax.axhline(d["base_accuracy"].iloc[0], color="0.45", ls="--", lw=1.1, label="base θ₀ (p = 1)")
+            _drop_axis(ax, list(d["drop_rate"]))
+            ax.set_xlabel("drop rate p")
+            ax.set_title(t)
+        axes[0].set_ylabel("test accuracy")
+        axes[0].legend(loc="lower left", fontsize=7.5)
+        fig.suptitle("DARE: accuracy vs drop rate of the delta parameters (DARE Fig. 1 on the zoo)", y=1.02)
+    return fig
+
+
+def dare_merges(lab, p: float = 0.9, density: float = 0.2, ties_lambdas: Sequence[float] = TIES_LAMBDAS,
+                ta_lambdas: Sequence[float] = TASK_ARITHMETIC_LAMBDAS, seed: int = 0) -> pd.DataFrame:
+    """dare_linear and dare_ties at drop rate p next to task arithmetic and TIES (k = density), all tasks.
+
+    dare_linear = DARE then task arithmetic (λ grid of task arithmetic); dare_ties = DARE then TIES'
+    election and disjoint mean (λ grid of TIES)."""
+    specs = {
+        "task arithmetic": ("task_arithmetic", {}, ta_lambdas),
+        f"DARE + task arithmetic (dare_linear, p = {p:g})": ("dare_linear", {"p": p}, ta_lambdas),
+        f"TIES (k = {density:g})": ("ties", {"density": density}, ties_lambdas),
+        f"DARE + TIES (dare_ties, p = {p:g})": ("dare_ties", {"p": p}, ties_lambdas),
+    }
+    methods = {}
+    for label, (method, params, lambdas) in progress(specs.items(), desc="merges", total=len(specs)):
+        merged = lab.merge(method, lam=1.0, **params, **({"seed": seed} if method.startswith("dare") else {}))
+        methods[label] = (scaled(lab, delta_of(lab, merged)), lambdas)
+    return evaluate_methods(lab, methods)
+
+
+def dare_view(lab, task: str, p: float = 0.9, seed: int = 0):
+    """θ₀ + DARE(τ_task, p) on `task`, with and without rescale, next to the base and the fine-tuned model."""
+    from taskvec.methods import check_drop_rate, dare_drop, tensor_generator
+
+    p = check_drop_rate(p)
+    if task not in lab.tasks:
+        raise ParameterError(f"task must be one of {lab.tasks}, got {task!r}")
+    acc = {}
+    for r in (True, False):
+        delta = {k: dare_drop(lab.finetuned(task)[k].to(torch.float32) - lab.base[k].to(torch.float32), p, rescale=r,
+                              generator=tensor_generator(seed, k)) for k in float_keys(lab)}
+        acc[r] = lab.accuracy(scaled(lab, delta)(1.0), split="test", tasks=[task])[task]
+    base, ft = lab.base_accuracy()[task], lab.finetuned_accuracy()[task]
+    with style():
+        fig, ax = new_figure(figsize=(6.4, 3.6))
+        labels = ["base θ₀", "fine-tuned θ₀ + τ", f"DARE p = {p:.2f}\n(rescaled)", f"drop only p = {p:.2f}\n(no rescale)"]
+        vals = [base, ft, acc[True], acc[False]]
+        ax.bar(range(4), vals, color=["0.65", "C2", "C0", "C3"])
+        for i, v in enumerate(vals):
+            ax.text(i, v + 0.01, f"{v:.3f}", ha="center", fontsize=9)
+        ax.set_xticks(range(4), labels)
+        ax.set_ylim(0, 1.08)
+        ax.set_ylabel(f"test accuracy on {task}")
+        ax.set_title(f"Drop {p:.0%} of τ_{task}'s entries")
+    return fig
