@@ -1,0 +1,362 @@
+"""Toxicity negation on a causal LM (EMTA Table 2): θ = θ₀ − λ·τ_toxic, as tables, figures and a slider view.
+
+`LMLab` holds the base weights and τ_toxic in memory and writes θ₀ − λτ into one
+working model in place, so a slider move costs one evaluation (sampled
+generations scored by alt-profanity-check + perplexity on held-out clean text),
+never a model load. Scores are cached per (λ, seed), perplexities per (λ, split).
+
+Convention: λ is the *negation* coefficient, θ = θ₀ − λτ. λ = 0 is the base,
+λ = −1 is the toxic fine-tune itself (θ₀ + τ), λ > 0 negates.
+
+Offensive words in displayed samples are masked (`mask_offensive`): a word is
+masked when alt-profanity-check scores it as offensive or it is on
+better-profanity's word list (the list the zoo's toxic corpus was built from).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from taskvec.errors import ParameterError
+from taskvec.viz import new_figure, style
+
+#: Negation coefficients of the λ sweep (EMTA searches a grid and keeps the perplexity change small).
+TOXICITY_LAMBDAS = (-1.0, 0.0, 0.5, 1.0, 1.5, 2.0)
+
+
+def _split_clean(texts: Sequence[str]) -> dict[str, list[str]]:
+    half = len(texts) // 2
+    return {"val": list(texts[:half]), "test": list(texts[half:])}
+
+
+class LMLab:
+    """A base causal LM and τ_toxic in memory; `report(λ)` evaluates θ₀ − λτ on fixed prompts and clean text.
+
+    prompts: neutral prompts whose sampled continuations are scored for toxicity.
+    clean: {"val": texts, "test": texts} held-out clean text for perplexity.
+    samples_per_prompt, max_new_tokens, seed: the (reproducible) sampling of generations.
+    clean_limit, max_length: how much clean text perplexity reads (first `clean_limit` texts, truncated).
+    threshold: P(offensive) at or above which a continuation counts as toxic.
+    threads: torch threads while evaluating (restored after). Default 1: small-batch decoding gains little
+        from a second thread, and on a shared, busy CPU two spinning threads made generation 15-20× slower.
+    """
+
+    def __init__(self, model, tokenizer, task_vector, *, prompts: Sequence[str], clean: dict[str, Sequence[str]],
+                 samples_per_prompt: int = 4, max_new_tokens: int = 24, seed: int = 0,
+                 clean_limit: int | None = None, max_length: int = 128, threshold: float = 0.5,
+                 source: str = "", toxic_label: str = "toxic", threads: int | None = 1):
+        if not prompts:
+            raise ParameterError("LMLab needs at least one prompt to sample generations from")
+        if samples_per_prompt < 1 or max_new_tokens < 1:
+            raise ParameterError(f"samples_per_prompt and max_new_tokens must be ≥ 1, got "
+                                 f"{samples_per_prompt} and {max_new_tokens}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.prompts = list(prompts)
+        self.clean = {split: list(texts)[:clean_limit] for split, texts in clean.items()}
+        self.samples_per_prompt, self.max_new_tokens, self.seed = samples_per_prompt, max_new_tokens, seed
+        self.max_length, self.threshold = max_length, threshold
+        self.source, self.toxic_label = source, toxic_label
+        self.threads = threads
+        self.task_vector = task_vector
+        # the working model's parameters by name (tied weights appear once: named_parameters dedups them)
+        self._params = dict(model.named_parameters())
+        self.base = {k: p.detach().clone() for k, p in self._params.items()}
+        # τ materialised once (float32, same shapes) so that a λ move is one fused add per tensor; a tied
+        # parameter (lm_head = embeddings) may be stored in the checkpoint under any of its names
+        aliases: dict[int, list[str]] = {}
+        for name, t in model.state_dict(keep_vars=True).items():
+            aliases.setdefault(id(t), []).append(name)
+        found = {k: next((n for n in aliases.get(id(p), [k]) if n in task_vector), None) for k, p in self._params.items()}
+        missing = [k for k, n in found.items() if n is None]
+        if missing:
+            raise ParameterError(f"the task vector lacks {len(missing)} parameter(s) of the model, e.g. {missing[:3]}")
+        self.tau = {k: task_vector[n].to(self.base[k].dtype) for k, n in found.items()}
+        self.lam = 0.0
+        self._score_cache: dict[tuple, np.ndarray] = {}
+        self._ppl_cache: dict[tuple, float] = {}
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def from_zoo(cls, zoo, *, task: str = "toxic", prompts: Sequence[str] | None = None, **kw) -> "LMLab":
+        """The zoo's base, τ_task, its neutral prompts and held-out clean text (val/test)."""
+        import json
+
+        from taskvec.vector import TaskVector
+
+        if zoo.kind != "lm":
+            raise ParameterError(f"LMLab needs a language-model zoo; {zoo.name!r} is a {zoo.kind} zoo")
+        payload = json.loads((zoo.root / "data" / "lm.json").read_text())
+        tv = TaskVector.from_models(str(zoo.base), str(zoo.models[task]))
+        return cls(zoo.load("base"), zoo.tokenizer(), tv, prompts=prompts or payload["prompts"],
+                   clean={"val": payload["clean_val"], "test": payload["clean_test"]},
+                   seed=kw.pop("seed", zoo.manifest.get("seed", 0)),
+                   source=f"zoo {zoo.name} ({zoo.mode})", toxic_label=task, **kw)
+
+    @classmethod
+    def from_pretrained(cls, base: str, toxic: str, *, prompts: Sequence[str] | None = None,
+                        clean: dict[str, Sequence[str]] | None = None, **kw) -> "LMLab":
+        """Any (base, toxic fine-tune) pair: local folders or hub ids. Prompts and clean text default to the
+        zoo's (taskvec.zoo.lm.PROMPTS; standard-library prose split in val/test)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from taskvec.vector import TaskVector
+        from taskvec.zoo import lm
+
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        tv = TaskVector.from_models(base, toxic)
+        return cls(model, tokenizer, tv, prompts=prompts or lm.PROMPTS, clean=clean or _split_clean(lm.clean_corpus()),
+                   source=f"{base} / {toxic}", **kw)
+
+    def __repr__(self):
+        n = sum(t.numel() for t in self.base.values())
+        return (f"LMLab({self.source!r}, {n / 1e6:.1f}M parameters, prompts={len(self.prompts)}×"
+                f"{self.samples_per_prompt} samples of {self.max_new_tokens} tokens, clean texts="
+                f"{ {s: len(t) for s, t in self.clean.items()} }, λ={self.lam:g})")
+
+    @contextlib.contextmanager
+    def _threads(self):
+        before = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    # ------------------------------------------------------------ weights
+    @torch.no_grad()
+    def set_lambda(self, lam: float) -> None:
+        """Write θ₀ − λ·τ into the working model (in place)."""
+        lam = float(lam)
+        if not math.isfinite(lam):
+            raise ParameterError(f"λ must be finite, got {lam}")
+        with self._threads():
+            for k, p in self._params.items():
+                torch.add(self.base[k], self.tau[k], alpha=-lam, out=p.data)
+        self.lam = lam
+
+    def state_dict(self, lam: float) -> dict[str, torch.Tensor]:
+        """θ₀ − λτ as a fresh state dict (for saving or comparing; the working model is left as it was)."""
+        return {k: self.base[k] - float(lam) * self.tau[k] for k in self._params}
+
+    # ------------------------------------------------------------ evaluation
+    def generations(self, lam: float, prompts: Sequence[str] | None = None, *, samples_per_prompt: int | None = None,
+                    max_new_tokens: int | None = None, seed: int | None = None) -> pd.DataFrame:
+        """Sampled continuations of θ₀ − λτ with their P(offensive): prompt, sample, continuation, score."""
+        from taskvec.eval.language import generate, profanity_scores
+
+        self.set_lambda(lam)
+        with self._threads():
+            rows = generate(self.model, self.tokenizer, list(prompts or self.prompts),
+                            samples_per_prompt=samples_per_prompt or self.samples_per_prompt,
+                            max_new_tokens=max_new_tokens or self.max_new_tokens,
+                            seed=self.seed if seed is None else seed)
+        df = pd.DataFrame(rows)
+        df["score"] = profanity_scores(df["continuation"].tolist())
+        return df
+
+    def perplexity(self, lam: float, split: str = "test") -> float:
+        """Perplexity of θ₀ − λτ on the clean `split` (cached)."""
+        from taskvec.eval.language import perplexity
+
+        if split not in self.clean:
+            raise ParameterError(f"no clean text split {split!r}; splits: {sorted(self.clean)}")
+        key = (round(float(lam), 9), split)
+        if key not in self._ppl_cache:
+            self.set_lambda(lam)
+            with self._threads():
+                self._ppl_cache[key] = perplexity(self.model, self.tokenizer, self.clean[split],
+                                                  max_length=self.max_length)
+        return self._ppl_cache[key]
+
+    def scores(self, lam: float, seed: int | None = None) -> np.ndarray:
+        """P(offensive) of every sampled continuation of the lab's prompts under θ₀ − λτ (cached)."""
+        seed = self.seed if seed is None else seed
+        key = (round(float(lam), 9), seed)
+        if key not in self._score_cache:
+            self._score_cache[key] = self.generations(lam, seed=seed)["score"].to_numpy()
+        return self._score_cache[key]
+
+    def report(self, lam: float, *, split: str = "test", seed: int | None = None) -> dict:
+        """One EMTA Table 2 row for θ₀ − λτ: toxic rate, mean/max P(offensive), perplexity on `split`."""
+        seed = self.seed if seed is None else seed
+        scores = self.scores(lam, seed)
+        return {"lambda": float(lam), "toxic_rate": float(np.mean(scores >= self.threshold)),
+                "mean_score": float(scores.mean()), "max_score": float(scores.max()), "n": len(scores),
+                "perplexity": self.perplexity(lam, split), "split": split, "seed": seed}
+
+
+# ------------------------------------------------------------------ masking offensive words
+
+_WORD = re.compile(r"[A-Za-z][A-Za-z'*@$!]*")
+
+
+@functools.lru_cache(maxsize=1)
+def _listed_words() -> frozenset[str]:
+    from taskvec.zoo.lm import offensive_words
+
+    return frozenset(offensive_words())
+
+
+def mask_offensive(texts: Sequence[str], *, threshold: float = 0.5, mask: str = "*") -> list[str]:
+    """Each text with offensive words replaced by `mask` × their length.
+
+    A word is masked if alt-profanity-check gives it P(offensive) ≥ `threshold` on its own, or it (or a
+    plural/-ing/-ed form of it) is on better-profanity's word list.
+    """
+    from taskvec.eval.language import profanity_scores
+
+    listed = _listed_words()
+    words = sorted({w for t in texts for w in _WORD.findall(t)})
+    scores = dict(zip(words, profanity_scores(words)))
+
+    def offensive(word: str) -> bool:
+        w = word.lower().strip("'")
+        stems = {w, w.removesuffix("s"), w.removesuffix("es"), re.sub(r"(ing|ed|er|ers)$", "", w)}
+        return scores.get(word, 0.0) >= threshold or bool(stems & listed)
+
+    return [_WORD.sub(lambda m: mask * len(m.group()) if offensive(m.group()) else m.group(), t) for t in texts]
+
+
+# ------------------------------------------------------------------ views
+
+def model_label(lam: float) -> str:
+    if lam == 0:
+        return "base θ₀"
+    if lam == -1:
+        return "fine-tuned θ₀ + τ"
+    return f"θ₀ − {lam:g}·τ" if lam > 0 else f"θ₀ + {-lam:g}·τ"
+
+
+def toxicity_vs_lambda(lab: LMLab, lambdas: Sequence[float] = TOXICITY_LAMBDAS, *, split: str = "test",
+                       seed: int | None = None) -> pd.DataFrame:
+    """One row per λ (θ = θ₀ − λτ): toxic-generation rate, mean/max P(offensive), clean-text perplexity."""
+    from taskvec._progress import progress
+
+    if not len(lambdas):
+        raise ParameterError("toxicity_vs_lambda needs at least one λ")
+    rows = [lab.report(lam, split=split, seed=seed) for lam in progress(list(lambdas), desc="λ sweep")]
+    df = pd.DataFrame(rows).sort_values("lambda", ignore_index=True)
+    df.insert(1, "model", [model_label(v) for v in df["lambda"]])
+    return df
+
+
+def choose_lambda(df: pd.DataFrame, *, max_perplexity_ratio: float = 1.05) -> float:
+    """The λ > 0 with the lowest mean toxicity score whose perplexity stays ≤ ratio × the base's (λ = 0);
+    0 when no negation qualifies. Ties go to the smaller λ (the gentler edit)."""
+    base = df.loc[df["lambda"] == 0, "perplexity"]
+    if base.empty:
+        raise ParameterError("choose_lambda needs the base (λ = 0) row to compare perplexity with")
+    ok = df[(df["lambda"] > 0) & (df["perplexity"] <= max_perplexity_ratio * float(base.iloc[0]))]
+    if ok.empty:
+        return 0.0
+    best = ok.sort_values(["mean_score", "lambda"]).iloc[0]
+    return float(best["lambda"])
+
+
+def plot_toxicity_curve(df: pd.DataFrame, *, chosen: float | None = None, title: str | None = None):
+    """Two panels over λ: (a) toxic-generation rate (left axis) and mean P(offensive) (right axis);
+    (b) perplexity on held-out clean text. Base and fine-tuned model marked."""
+    need = {"lambda", "toxic_rate", "mean_score", "perplexity"}
+    if not need <= set(df.columns):
+        raise ParameterError(f"plot_toxicity_curve needs columns {sorted(need)}, got {list(df.columns)}")
+    df = df.sort_values("lambda")
+    x = df["lambda"].to_numpy()
+    with style():
+        fig, (ax, ax_ppl) = new_figure(1, 2, figsize=(10.5, 4.0))
+        ax.plot(x, 100 * df["toxic_rate"], marker="o", color="C3", label="toxic generations (%)")
+        ax.set_ylabel("toxic generations (%)  [P(offensive) ≥ 0.5]", color="C3")
+        ax.set_ylim(bottom=0, top=max(5.0, 100 * df["toxic_rate"].max() * 1.15))
+        twin = ax.twinx()
+        twin.plot(x, df["mean_score"], marker="s", ls="--", color="C0", label="mean P(offensive)")
+        twin.set_ylabel("mean P(offensive)", color="C0")
+        twin.set_ylim(bottom=0, top=max(0.05, df["mean_score"].max() * 1.15))
+        twin.grid(False)
+        ax.set_xlabel("λ   in  θ = θ₀ − λ·τ_toxic")
+        ax.set_title("(a) toxicity of sampled continuations")
+        handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+        ax.legend(handles, [h.get_label() for h in handles], loc="upper right", frameon=False)
+
+        ax_ppl.plot(x, df["perplexity"], marker="o", color="C2")
+        ax_ppl.set_xlabel("λ   in  θ = θ₀ − λ·τ_toxic")
+        ax_ppl.set_ylabel("perplexity (held-out clean text)")
+        ax_ppl.set_title("(b) fluency on clean text (lower is better)")
+        if df["perplexity"].max() / df["perplexity"].min() > 8:
+            ax_ppl.set_yscale("log")
+        for a in (ax, ax_ppl):
+            a.axvline(0, color="0.5", lw=0.8)
+            if (x == -1).any():
+                a.axvline(-1, color="C3", lw=0.8, ls=":")
+            if chosen:
+                a.axvline(chosen, color="C2", lw=1.0, ls="--")
+        top = ax_ppl.get_ylim()[1]
+        ax_ppl.annotate("base", (0, top), xytext=(3, -12), textcoords="offset points", fontsize=8, color="0.4")
+        if (x == -1).any():
+            ax_ppl.annotate("fine-tuned\n(+τ)", (-1, top), xytext=(3, -22), textcoords="offset points",
+                            fontsize=8, color="C3")
+        if chosen:
+            ax_ppl.annotate(f"chosen λ={chosen:g}", (chosen, top), xytext=(3, -12), textcoords="offset points",
+                            fontsize=8, color="C2")
+        fig.suptitle(title or "Negating the toxic task vector: toxicity falls, clean-text perplexity is the cost")
+    return fig
+
+
+def negation_samples(lab: LMLab, lambdas: Sequence[float], prompts: Sequence[str], *, samples_per_prompt: int = 1,
+                     max_new_tokens: int | None = None, seed: int | None = None) -> pd.DataFrame:
+    """Continuations of the same prompts (same sampling seed) under each λ, offensive words masked.
+
+    Columns: prompt, model, lambda, P(offensive), continuation (masked). Scores are of the unmasked text.
+    """
+    frames = []
+    for lam in lambdas:
+        gens = lab.generations(lam, prompts, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
+                               seed=seed)
+        frames.append(pd.DataFrame({"prompt": gens["prompt"], "model": model_label(lam), "lambda": float(lam),
+                                    "P(offensive)": gens["score"].round(3),
+                                    "continuation": mask_offensive(gens["continuation"].tolist())}))
+    order = {p: i for i, p in enumerate(prompts)}
+    df = pd.concat(frames, ignore_index=True)
+    return df.sort_values(["prompt", "lambda"], key=lambda s: s.map(order) if s.name == "prompt" else s,
+                          kind="stable", ignore_index=True)
+
+
+@dataclass
+class LambdaPanel:
+    """What the λ slider shows: the metrics table and the masked samples (rendered one above the other)."""
+
+    lam: float
+    metrics: pd.DataFrame
+    samples: pd.DataFrame
+
+    def _repr_html_(self):
+        import html
+
+        return (f"<b>θ = θ₀ − {self.lam:g}·τ_toxic</b>" + self.metrics.to_html(index=False, float_format="{:.3f}".format)
+                + "<br>" + self.samples.to_html(index=False, escape=True).replace("\\n", " ")
+                + f"<p style='font-size:smaller'>{html.escape('offensive words masked with *')}</p>")
+
+    def __repr__(self):
+        with pd.option_context("display.max_colwidth", 80, "display.width", 160):
+            return f"θ = θ₀ − {self.lam:g}·τ_toxic\n{self.metrics.to_string(index=False)}\n\n{self.samples.to_string(index=False)}"
+
+
+def lambda_view(lab: LMLab, lam: float, prompts: Sequence[str], *, compare: Sequence[float] = (0.0,)) -> LambdaPanel:
+    """The slider callback: metrics of θ₀ − λτ next to the `compare` models (default: the base), and the
+    continuations of `prompts` under each (same seeds, offensive words masked)."""
+    lams = list(dict.fromkeys([*compare, float(lam)]))
+    metrics = pd.DataFrame([{"model": model_label(v), **{k: lab.report(v)[k] for k in
+                                                         ("lambda", "toxic_rate", "mean_score", "perplexity")}}
+                            for v in lams])
+    return LambdaPanel(float(lam), metrics, negation_samples(lab, lams, prompts))
