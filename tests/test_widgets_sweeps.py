@@ -214,10 +214,30 @@ def test_ties_ablation_rows_norm_matched_lambdas(lab):
     assert df["normalized_accuracy"].between(0, 1.0 + 1e-9).all()
 
 
+def test_alignment_and_reference_rows(lab):
+    tau0 = {k: lab.finetuned("task0")[k] - lab.base[k] for k in FLOAT_KEYS}
+    cos = sweeps.alignment(lab, {"tau0": tau0, "neg": {k: -2 * v for k, v in tau0.items()}})
+    assert cos["tau0"]["task0"] == pytest.approx(1.0, abs=1e-6)
+    # independent random task vectors are nearly orthogonal
+    assert abs(cos["tau0"]["task1"]) < 0.1
+    assert cos["neg"]["task0"] == pytest.approx(-1.0, abs=1e-6)
+    assert cos["neg"]["task1"] == pytest.approx(-cos["tau0"]["task1"], abs=1e-6)
+    ref = sweeps.reference_rows(lab).set_index("method")
+    assert ref.loc["fine-tuned (one model per task)", "normalized_accuracy"] == pytest.approx(1.0)
+    base = lab.base_accuracy()
+    assert ref.loc["base θ₀ (no merge)", "acc_task2"] == pytest.approx(base["task2"])
+
+
 def test_ties_vs_baselines_has_three_methods(lab):
     df = sweeps.ties_vs_baselines(lab, density=0.5, ties_lambdas=(1.0,), ta_lambdas=(0.3, 0.6))
     assert list(df["method"]) == ["TIES (k = 0.5)", "task arithmetic", "averaging"]
     assert df.loc[0, "lambda"] == 1.0 and df.loc[1, "lambda"] in (0.3, 0.6)
+    # averaging = θ₀ + (1/n) Σ τ_i: the same model as task arithmetic at λ = 1/3
+    ta = sweeps.scaled(lab, sweeps.delta_of(lab, lab.merge("task_arithmetic", lam=1.0)))(1 / 3)
+    acc = lab.accuracy(ta, split="test")
+    assert df.loc[2, "absolute_accuracy"] == pytest.approx(np.mean(list(acc.values())), rel=1e-4)
+    assert list(sweeps.ties_vs_baselines(lab, 0.5, (1.0,), (0.3,), include_ties=False)["method"]) == [
+        "task arithmetic", "averaging"]
 
 
 # ------------------------------------------------------------------ DARE
@@ -289,6 +309,7 @@ def test_views_and_plots_render(lab):
     abl = sweeps.ties_ablation(lab, density=0.3, lambdas=(1.0,))
     fig = sweeps.plot_ties_ablation(abl)
     assert fig.axes[0].get_xlabel().startswith("mean normalised")
+    assert "cos" in fig.axes[1].get_xlabel()
     assert len(fig.axes[0].get_yticklabels()) == len(abl)
     curve = sweeps.dare_curve(lab, tasks=["task0", "task1"], ps=(0.0, 0.9, 0.99))
     fig = sweeps.plot_dare_curve(curve)

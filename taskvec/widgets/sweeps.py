@@ -174,9 +174,22 @@ def ties_delta(lab, density: float = 0.2, variant: TiesVariant = TIES_ABLATIONS[
                ) -> dict[str, torch.Tensor]:
     """Merged task vector τ_m of `variant` over the whole model (θ = θ₀ + λ τ_m).
 
-    `trimmed` ({task: trim_k(τ_task)}, from `trimmed_task_vectors`) is reused when given, so several
-    variants at one density trim once."""
+    Variants that `merge(method="ties")` can express run there (fused kernels): no trim = density 1,
+    count election = consensus="count", plain mean = normalize=False (the agreeing sum) divided by n.
+    Without election, the trimmed vectors (`trimmed`, or `trimmed_task_vectors`) are combined here with
+    `combine_ties`. `tests/test_widgets_sweeps.py` checks every variant against `ties_tensor`."""
+    from taskvec.methods import check_density
+
+    density = check_density(density)
     tasks = list(tasks or lab.tasks)
+    if variant.elect is not None:
+        params = {"density": density if variant.trim else 1.0, "consensus": variant.elect,
+                  "normalize": variant.mean == "disjoint"}
+        delta = delta_of(lab, lab.merge("ties", tasks=tasks, lam=1.0, **params))
+        if variant.mean == "plain":
+            for d in delta.values():
+                d.div_(len(tasks))
+        return delta
     if not variant.trim:
         return {k: _combine_active_rows(stacked, variant) for k, stacked in iter_task_deltas(lab, tasks)}
     trimmed = trimmed if trimmed is not None else trimmed_task_vectors(lab, density, tasks)
@@ -205,30 +218,66 @@ def _mean(d: Mapping[str, float], keys: Sequence[str]) -> float:
 def evaluate_methods(lab, methods: Mapping[str, tuple[WeightsFor, Sequence[float]] | dict]) -> pd.DataFrame:
     """One row per method: λ chosen on validation (mean normalised accuracy over the tasks), test accuracy.
 
-    `methods` maps a label to (weights_for(λ), λ grid) or to a fixed state dict (no λ, e.g. averaging).
-    Columns: method, lambda, normalized_accuracy, absolute_accuracy, acc_<task> (tasks and control),
-    norm_<task> (per-task normalised accuracy)."""
-    from taskvec.widgets.views import best_lambda
-
+    `methods` maps a label to (weights_for(λ), λ grid) or to a fixed state dict (no λ, e.g. averaging);
+    a one-value grid is used as given (no validation pass). Columns: method, lambda, val_normalized,
+    normalized_accuracy, absolute_accuracy (means over lab.tasks), acc_<task>, norm_<task>."""
     rows = []
     for label, spec in progress(methods.items(), desc="methods", total=len(methods)):
+        val_score = None
         if isinstance(spec, tuple):
             weights_for, lambdas = spec
             if not lambdas:
                 raise ParameterError(f"{label}: empty λ grid")
-            if len(lambdas) == 1:  # nothing to choose: skip the validation pass
-                lam, acc = float(lambdas[0]), lab.accuracy(weights_for(lambdas[0]), split="test")
-            else:
-                lam, acc = best_lambda(lab, weights_for, lab.tasks, list(lambdas))
+            lam = float(lambdas[0])
+            if len(lambdas) > 1:
+                scores = {float(l): _mean(lab.normalized(lab.accuracy(weights_for(l), split="val", tasks=lab.tasks),
+                                                         "val"), lab.tasks) for l in lambdas}
+                lam = max(scores, key=scores.get)
+                val_score = scores[lam]
+            weights = weights_for(lam)
         elif isinstance(spec, Mapping):
-            lam, acc = None, lab.accuracy(spec, split="test")
+            lam, weights = None, spec
         else:
             raise ParameterError(f"{label}: expected (weights_for, lambdas) or a state dict, got {type(spec).__name__}")
+        acc = lab.accuracy(weights, split="test", tasks=lab.tasks)
         norm = lab.normalized(acc)
-        rows.append({"method": label, "lambda": lam, "normalized_accuracy": _mean(norm, lab.tasks),
-                     "absolute_accuracy": _mean(acc, lab.tasks),
-                     **{f"acc_{t}": acc[t] for t in acc}, **{f"norm_{t}": norm[t] for t in lab.tasks}})
+        rows.append({"method": label, "lambda": lam, "val_normalized": val_score,
+                     "normalized_accuracy": _mean(norm, lab.tasks), "absolute_accuracy": _mean(acc, lab.tasks),
+                     **{f"acc_{t}": acc[t] for t in lab.tasks}, **{f"norm_{t}": norm[t] for t in lab.tasks}})
     return pd.DataFrame(rows)
+
+
+def reference_rows(lab) -> pd.DataFrame:
+    """The base θ₀ and the fine-tuned models (each on its own task) in `evaluate_methods`' columns."""
+    rows = []
+    for label, acc in (("base θ₀ (no merge)", lab.base_accuracy()),
+                       ("fine-tuned (one model per task)", lab.finetuned_accuracy())):
+        norm = lab.normalized(acc)
+        rows.append({"method": label, "lambda": None, "val_normalized": None,
+                     "normalized_accuracy": _mean(norm, lab.tasks), "absolute_accuracy": _mean(acc, lab.tasks),
+                     **{f"acc_{t}": acc[t] for t in lab.tasks}, **{f"norm_{t}": norm[t] for t in lab.tasks}})
+    return pd.DataFrame(rows)
+
+
+def alignment(lab, deltas: Mapping[str, Mapping[str, torch.Tensor]], tasks: Sequence[str] | None = None
+              ) -> dict[str, dict[str, float]]:
+    """{label: {task: cos(τ_m, τ_task)}} for several merged vectors τ_m in one pass over the task vectors:
+    how much of each task's update direction a merge keeps."""
+    tasks = list(tasks or lab.tasks)
+    labels = list(deltas)
+    dots = np.zeros((len(labels), len(tasks)))
+    sq_m, sq_tau = np.zeros(len(labels)), np.zeros(len(tasks))
+    for key, stacked in iter_task_deltas(lab, tasks):
+        flat = stacked.reshape(len(tasks), -1)
+        sq_tau += (flat * flat).sum(dim=1).double().numpy()
+        for j, label in enumerate(labels):
+            m = deltas[label][key].reshape(-1)
+            sq_m[j] += float(torch.dot(m, m))
+            dots[j] += (flat @ m).double().numpy()
+    denom = np.sqrt(np.outer(sq_m, sq_tau))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(denom > 0, dots / np.where(denom > 0, denom, 1.0), np.nan)
+    return {label: dict(zip(tasks, map(float, cos[j]))) for j, label in enumerate(labels)}
 
 
 def ties_ablation(lab, density: float = 0.2, lambdas: Sequence[float] = TIES_LAMBDAS,
@@ -238,19 +287,24 @@ def ties_ablation(lab, density: float = 0.2, lambdas: Sequence[float] = TIES_LAM
     Every variant searches the same distances from θ₀: its τ_m is rescaled to the norm of full TIES' τ_m
     before λ, so that a variant whose mean is simply smaller (a plain mean divides by n) is not penalised
     by a grid that never reaches its best λ. The `lambda` column is the coefficient actually applied
-    to the variant's own τ_m; `norm` is ‖τ_m‖."""
-    trimmed = trimmed_task_vectors(lab, density)
+    to the variant's own τ_m; `norm` is ‖τ_m‖; cos_<task> is cos(τ_m, τ_task) and mean_cos their mean
+    (how much of each task's update direction survives the merge)."""
+    trimmed = trimmed_task_vectors(lab, density) if any(v.elect is None and v.trim for v in variants) else None
     deltas = {v.label: ties_delta(lab, density, v, trimmed=trimmed) for v in progress(variants, desc="TIES variants")}
     del trimmed
     ref = delta_norm(deltas[variants[0].label])
-    methods, factors, norms = {}, {}, {}
+    methods, norms = {}, {}
     for v in variants:
         norms[v.label] = delta_norm(deltas[v.label])
-        factors[v.label] = ref / norms[v.label] if norms[v.label] else 1.0
-        methods[v.label] = (scaled(lab, deltas[v.label]), [lam * factors[v.label] for lam in lambdas])
+        factor = ref / norms[v.label] if norms[v.label] else 1.0
+        methods[v.label] = (scaled(lab, deltas[v.label]), [lam * factor for lam in lambdas])
+    cosines = alignment(lab, deltas)
     df = evaluate_methods(lab, methods)
     df.insert(1, "density", float(density))
     df.insert(3, "norm", df["method"].map(norms))
+    for t in lab.tasks:
+        df[f"cos_{t}"] = df["method"].map(lambda m, t=t: cosines[m][t])
+    df["mean_cos"] = df[[f"cos_{t}" for t in lab.tasks]].mean(axis=1)
     df["trim"] = [v.trim for v in variants]
     df["elect"] = [v.elect or "none" for v in variants]
     df["mean"] = [v.mean for v in variants]
@@ -300,23 +354,29 @@ def ties_view(lab, density: float = 0.2, lam: float = 1.0, *, _cache: dict = {})
 
 
 def plot_ties_ablation(df: pd.DataFrame, title: str = "TIES ablation: remove one step at a time"):
-    """Horizontal bars of mean normalised test accuracy per variant, full TIES first and highlighted."""
+    """Bars per variant, full TIES first and highlighted: mean normalised test accuracy, and (when the
+    table has it) the mean cosine between the merged vector and each task vector."""
+    panels = [("normalized_accuracy", "mean normalised test accuracy\n(acc / fine-tuned acc)")]
+    if "mean_cos" in df:
+        panels.append(("mean_cos", r"mean over tasks of $\cos(\tau_m, \tau_i)$" + "\n(task direction kept)"))
     with style():
-        fig, ax = new_figure(figsize=(7.6, 0.5 * len(df) + 1.7))
+        fig, axes = new_figure(1, len(panels), figsize=(5.2 * len(panels) + 3.2, 0.5 * len(df) + 1.9), sharey=True)
+        axes = np.atleast_1d(axes)
         y = np.arange(len(df))
         colors = ["C1" if i == 0 else "C0" for i in range(len(df))]
-        ax.barh(y, df["normalized_accuracy"], color=colors)
-        for i, v in enumerate(df["normalized_accuracy"]):
-            ax.text(v + 0.004, i, f"{v:.3f}", va="center", fontsize=9)
-        ax.set_yticks(y, [f"{m}  (λ={lam:.2g})" for m, lam in zip(df["method"], df["lambda"])])
-        ax.invert_yaxis()
-        lo = max(0.0, float(df["normalized_accuracy"].min()) - 0.08)
-        ax.set_xlim(lo, max(1.02, float(df["normalized_accuracy"].max()) + 0.05))
-        ax.axvline(1.0, color="C2", ls=":", lw=1, label="fine-tuned models")
-        ax.axvline(float(df["normalized_accuracy"].iloc[0]), color="C1", ls="--", lw=1, label="full TIES")
-        ax.set_xlabel("mean normalised test accuracy (acc / fine-tuned acc)")
-        ax.set_title(title)
-        ax.legend(loc="lower right", fontsize=8.5)
+        for ax, (col, xlabel) in zip(axes, panels):
+            vals = df[col].astype(float)
+            ax.barh(y, vals, color=colors)
+            span = float(vals.max() - vals.min()) or 0.05
+            for i, v in enumerate(vals):
+                ax.text(v + 0.02 * span, i, f"{v:.3f}", va="center", fontsize=9)
+            lo = max(0.0, float(vals.min()) - 1.5 * span)
+            ax.set_xlim(lo, float(vals.max()) + 0.8 * span)
+            ax.axvline(float(vals.iloc[0]), color="C1", ls="--", lw=1)
+            ax.set_xlabel(xlabel)
+        axes[0].set_yticks(y, [f"{m}  (λ={lam:.2g})" for m, lam in zip(df["method"], df["lambda"])])
+        axes[0].invert_yaxis()
+        fig.suptitle(title)
     return fig
 
 
