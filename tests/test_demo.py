@@ -1,0 +1,33 @@
+"""`taskvec demo`: the minimal version prints the λ table; the zoo version writes a complete report."""
+import re
+
+import pytest
+
+from taskvec.demo import main, run_zoo_demo
+
+
+def test_minimal_demo_prints_negation_and_finetuned_rows(capsys):
+    assert main(["--minimal"]) == 0
+    out = capsys.readouterr().out
+    rows = {float(m.group(1)): float(m.group(2)) for m in re.finditer(r"([+-]\d\.\d)\s+(\d+\.\d)%", out)}
+    assert set(rows) == {-1.0, -0.5, 0.0, 0.5, 1.0}
+    assert rows[1.0] > rows[0.0] > rows[-1.0]      # fine-tuning helps, negating it hurts
+
+
+@pytest.mark.slow
+def test_zoo_demo_writes_figures_csvs_and_report(tmp_path):
+    out = tmp_path / "demo"
+    small = dict(negation=(2.0,), addition=(0.5,), drop=(0.0, 0.9), limit=48)
+    results = run_zoo_demo(out, fast=True, grid=small)
+    names = sorted(p.name for p in out.iterdir())
+    for stem in ("demo-negation", "demo-addition", "demo-merging", "demo-dare-sweep", "demo-cosine"):
+        assert f"{stem}.png" in names and f"{stem}.svg" in names
+    for f in ("report.md", "report.html", "negation.csv", "addition.csv", "merging_methods.csv", "dare_sweep.csv",
+              "cosine.csv", "zoo_accuracy.csv"):
+        assert f in names
+    report = (out / "report.md").read_text()
+    assert report.count("![") == 5 and "Negation" in report and "DARE" in report
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp folder left behind"
+    assert results["negation"]["target_drop_points"] > results["negation"]["control_drop_points"]
+    assert set(results["merging"]) == {"averaging", "task arithmetic", "TIES (k=0.2)"}
+    assert 0 <= results["cosine_mean_abs_offdiag"] < 0.5
