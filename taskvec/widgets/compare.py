@@ -371,7 +371,7 @@ def rescaled(lab, merged: Mapping[str, torch.Tensor], lam: float) -> dict[str, t
     out = dict(merged)
     for k, base in lab.base.items():
         if base.is_floating_point():
-            out[k] = (base.float() + lam * (merged[k].float() - base.float())).to(base.dtype)
+            out[k] = torch.lerp(base.float(), merged[k].float(), float(lam)).to(base.dtype)  # one fused op
     return out
 
 
@@ -459,13 +459,15 @@ def plot_method_table(table: pd.DataFrame, tasks: Sequence[str], finetuned: Mapp
         ax.set_xlim(lo, max(1.03, float(df["normalized_accuracy"].max()) + 0.04))
         ax.axvline(1.0, color="C2", ls=":", lw=1)
         ax.set_xlabel("mean normalised test accuracy\n(acc / fine-tuned acc; grey: references)")
-        vmin = min(0.6, float(norm.min()))
-        im = hx.imshow(norm, cmap="viridis", vmin=vmin, vmax=max(1.05, float(norm.max())), aspect="auto")
+        vmin = max(0.0, math.floor(float(norm.min()) * 20) / 20 - 0.05)  # spread the colours over the data
+        vmax = max(1.02, float(norm.max()))
+        im = hx.imshow(norm, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+        hx.grid(False)
         for i in range(norm.shape[0]):
             for j in range(norm.shape[1]):
                 v = norm[i, j]
                 hx.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
-                        color="black" if v > (vmin + 1.05) / 2 else "white")
+                        color="black" if v > (vmin + vmax) / 2 else "white")
         hx.set_xticks(range(len(tasks)), tasks)
         hx.set_yticks(y, [""] * len(df))
         hx.set_title("normalised accuracy per task", fontsize=10)
