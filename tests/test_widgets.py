@@ -166,3 +166,23 @@ def test_trimmed_sum_is_base_plus_lambda_sum_of_trimmed_vectors():
     w = views.trimmed_sum(TinyLab(), density=0.5)(0.5)["w"]
     # top-2 of x: -3, 2; top-2 of y: -4, 1 -> sum [-4, -2, 0, 2] * 0.5
     assert w.tolist() == pytest.approx([-2.0, -1.0, 0.0, 1.0])
+
+
+def test_live_view_also_carries_a_static_rendering(monkeypatch):
+    """A notebook run headless (CI, nbconvert, GitHub) has no widget front-end: the displayed bundle must
+    hold the current figure as a PNG (or a table as HTML) next to the widget view."""
+    pytest.importorskip("ipywidgets")
+    import base64
+
+    import pandas as pd
+
+    from taskvec.widgets import core
+
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda obj, raw=False, **kw: shown.append((obj, raw)))
+    view = interact(toy.slerp_view, Control("t", 0.5, 0.0, 1.0, 0.05), static=False)
+    view._ipython_display_()
+    bundle, raw = shown[-1]
+    assert raw and "application/vnd.jupyter.widget-view+json" in bundle
+    assert base64.b64decode(bundle["image/png"]).startswith(b"\x89PNG")
+    assert "<table" in core.static_bundle(pd.DataFrame({"a": [1]}))["text/html"]

@@ -123,7 +123,28 @@ class View:
             return
         import ipywidgets as w
 
-        display(w.VBox([w.HBox(list(self.widgets.values())), self.output]))
+        box = w.VBox([w.HBox(list(self.widgets.values())), self.output])
+        # Live widgets for a front-end, plus a static rendering of the current result for everything that
+        # can't run them (nbconvert, GitHub, a notebook executed headless in CI): each picks what it shows.
+        bundle = dict(box._repr_mimebundle_() or {})
+        bundle.update(static_bundle(self.last))
+        display(bundle, raw=True)
+
+
+def static_bundle(result: Any) -> dict[str, str]:
+    """Mime data for a view's result without a kernel: PNG for a figure, HTML for a table, else its text."""
+    import base64
+    import io
+
+    from matplotlib.figure import Figure
+
+    if isinstance(result, Figure):
+        buf = io.BytesIO()
+        result.savefig(buf, format="png")
+        return {"image/png": base64.b64encode(buf.getvalue()).decode("ascii")}
+    if hasattr(result, "to_html"):
+        return {"text/html": result.to_html()}
+    return {"text/plain": repr(result)}
 
 
 def interact(fn: Callable[..., Any], *controls: Control, static: bool | None = None) -> View:
