@@ -60,9 +60,9 @@ def negation_view(lab, task: str, lam: float = 1.0):
         ax.set_xticks(x, [n + (" (control)" if n in lab.control else "") + (" ←" if n == task else "")
                           for n in names])
         ax.set_ylabel("test accuracy")
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.22)
         ax.set_title(f"Negating τ_{task}: forget {task}, keep the rest")
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper right", ncol=2)
     return fig
 
 
@@ -102,7 +102,7 @@ def plot_addition_curve(df: pd.DataFrame):
         ax.set_xlabel("number of task vectors added")
         ax.set_ylabel("normalised accuracy\n(acc / fine-tuned acc)")
         ax.set_title("Adding task vectors builds a multi-task model")
-        ax.legend(loc="lower left", fontsize=8.5)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8.5)
     return fig
 
 
@@ -117,10 +117,10 @@ def addition_view(lab, lam: float = 0.4):
         ax.bar(x, [acc[t] for t in lab.tasks], 0.27, color="C0", label=f"θ₀ + {lam:.2f}·Σ τ_i")
         ax.bar(x + 0.27, [ft[t] for t in lab.tasks], 0.27, color="C2", label="fine-tuned on the task")
         ax.set_xticks(x, lab.tasks)
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.22)
         ax.set_ylabel("test accuracy")
         ax.set_title("One model for all tasks: task addition")
-        ax.legend(loc="lower right", fontsize=8.5)
+        ax.legend(loc="upper right", ncol=3, fontsize=8.5)
     return fig
 
 
