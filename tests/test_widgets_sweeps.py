@@ -267,7 +267,8 @@ def test_dare_curve_endpoints_and_drop_statistics(lab):
     assert set(df.columns) >= {"task", "drop_rate", "rescale", "accuracy", "normalized", "base_accuracy",
                                "finetuned_accuracy", "frac_kept", "norm_ratio", "cosine_to_tau"}
     p0 = df[df["drop_rate"] == 0.0]
-    # p = 0 drops nothing: θ₀ + τ is the fine-tuned model, with or without rescale
+    # p = 0 drops nothing: θ₀ + τ is the fine-tuned model, with or without rescale (one row per rescale)
+    assert len(p0) == 4 and set(p0["rescale"]) == {True, False}
     assert np.allclose(p0["normalized"], 1.0, atol=1e-4)
     for p in (0.5, 0.9):
         rows = df[df["drop_rate"] == p]
@@ -285,12 +286,16 @@ def test_dare_curve_rejects_p_one(lab):
 
 def test_dare_merges_rows(lab):
     df = sweeps.dare_merges(lab, p=0.5, density=0.5, ties_lambdas=(1.0,), ta_lambdas=(0.5,))
-    assert list(df["method"]) == ["task arithmetic", "DARE + task arithmetic (dare_linear, p = 0.5)",
-                                  "TIES (k = 0.5)", "DARE + TIES (dare_ties, p = 0.5)"]
+    assert list(df["method"]) == ["task arithmetic", "dare_linear (p = 0.5)", "TIES (k = 0.5)", "dare_ties (p = 0.5)"]
     # dare_linear at λ: θ₀ + λ Σ DARE(τ_i); rebuilding it by hand gives the same accuracy
     merged = lab.merge("dare_linear", p=0.5, lam=0.5, seed=0)
     acc = lab.accuracy(merged, split="test")
     assert df.loc[1, "absolute_accuracy"] == pytest.approx(np.mean([acc[t] for t in lab.tasks]), rel=1e-5)
+    # without their own search, the DARE merges take the λ their plain counterparts chose on validation
+    reused = sweeps.dare_merges(lab, p=0.5, density=0.5, ties_lambdas=(0.5, 1.0, 2.0), ta_lambdas=(0.1, 0.3, 0.9),
+                                search_dare_lambda=False)
+    assert reused.loc[1, "lambda"] == reused.loc[0, "lambda"] and reused.loc[3, "lambda"] == reused.loc[2, "lambda"]
+    assert pd.isna(reused.loc[1, "val_normalized"]) and not pd.isna(reused.loc[0, "val_normalized"])
 
 
 # ------------------------------------------------------------------ views and plots

@@ -419,21 +419,29 @@ def delta_range(lab, tasks: Sequence[str] | None = None, sample_every: int = 1) 
 
 def plot_delta_range(df: pd.DataFrame):
     """Per task, the span of |τ| among changed entries (median, p90, p99, max) against DARE's 0.005 line."""
+    from matplotlib.ticker import NullFormatter
+
     with style():
-        fig, ax = new_figure(figsize=(7.0, 0.55 * len(df) + 1.8))
+        fig, ax = new_figure(figsize=(8.6, 0.6 * len(df) + 1.9))
         y = np.arange(len(df))
-        ax.hlines(y, df["p50_abs_changed"], df["max_abs"], color="C0", lw=2.5, label="median → max |τ|")
-        for col, marker, label in (("p50_abs_changed", "o", "median"), ("p90_abs_changed", "s", "90th pct"),
-                                   ("p99_abs_changed", "D", "99th pct"), ("max_abs", "|", "max")):
+        ax.hlines(y, df["p50_abs_changed"], df["max_abs"], color="C0", lw=2.5, label="median → max")
+        for col, marker, label in (("p50_abs_changed", "o", "median"), ("p90_abs_changed", "s", "90th percentile"),
+                                   ("p99_abs_changed", "D", "99th percentile"), ("max_abs", "|", "max")):
             ax.plot(df[col], y, marker, ms=8 if marker != "|" else 16, mew=2, ls="none", label=label)
         ax.axvline(DARE_DELTA_LIMIT, color="C3", ls="--", lw=1.2, label="0.005 (DARE's limit)")
         ax.set_xscale("log")
+        lo = float(df["p50_abs_changed"].min()) / 1.5
+        hi = max(float(df["max_abs"].max()), DARE_DELTA_LIMIT) * 1.6
+        ax.set_xlim(lo, hi)
+        ticks = [t for t in (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1) if lo <= t <= hi]
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.set_yticks(y, df["task"])
-        ax.invert_yaxis()
-        ax.set_xlabel(r"$|\tau|$ of changed entries (log scale)")
-        ax.set_title("How large are the fine-tuning deltas? (all below 0.005 → DARE-friendly)"
-                     if (df["max_abs"] <= DARE_DELTA_LIMIT).all() else "How large are the fine-tuning deltas?")
-        ax.legend(loc="lower left", fontsize=8, ncol=2)
+        ax.set_ylim(len(df) - 0.5, -0.5)
+        ax.set_xlabel(r"$|\tau|$ of the changed entries (log scale)")
+        ax.set_title("How large are the fine-tuning deltas?" + (" (all below 0.005)"
+                     if (df["max_abs"] <= DARE_DELTA_LIMIT).all() else ""))
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8.5, frameon=False)
     return fig
 
 
@@ -448,12 +456,23 @@ def dare_curve(lab, tasks: Sequence[str] | None = None, ps: Sequence[float] = DA
     from taskvec.widgets.views import accuracy_fn
 
     tasks = list(tasks or lab.tasks)
+    rescale = [bool(r) for r in rescale]
+    if not rescale:
+        raise ParameterError("rescale must list at least one of True/False")
     base, ft = lab.base_accuracy(), lab.finetuned_accuracy()
     frames = []
-    for t in tasks:
-        sweep = dare_sweep(lab.task_vector(t), ps=ps, rescale=rescale, eval_fn=accuracy_fn(lab, [t]),
-                           base=lab.base, seed=seed, eval_base=False, name=t)
-        d = sweep.data.rename(columns={f"acc_{t}": "accuracy"})
+    for t in progress(tasks, desc="DARE curves"):
+        parts = []
+        for i, r in enumerate(rescale):
+            # p = 0 is the fine-tuned model whatever the rescale: evaluate it once, copy the row
+            grid = list(ps) if i == 0 else [p for p in ps if p != 0] or list(ps)
+            sweep = dare_sweep(lab.task_vector(t), ps=grid, rescale=(r,), eval_fn=accuracy_fn(lab, [t]),
+                               base=lab.base, seed=seed, eval_base=False, name=t)
+            d = sweep.data.assign(rescale=r)
+            if i > 0 and len(grid) < len(ps):
+                d = pd.concat([parts[0][parts[0]["drop_rate"] == 0].assign(rescale=r), d], ignore_index=True)
+            parts.append(d)
+        d = pd.concat(parts, ignore_index=True).rename(columns={f"acc_{t}": "accuracy"})
         d.insert(0, "task", t)
         d["base_accuracy"] = base[t]
         d["finetuned_accuracy"] = ft[t]
@@ -488,27 +507,31 @@ def plot_dare_curve(df: pd.DataFrame):
             ax.set_title(t)
         axes[0].set_ylabel("test accuracy")
         axes[0].legend(loc="lower left", fontsize=7.5)
-        fig.suptitle("DARE: accuracy vs drop rate of the delta parameters (DARE Fig. 1 on the zoo)", y=1.02)
+        fig.suptitle("DARE: accuracy vs drop rate of the delta parameters (DARE Fig. 1 on the zoo)", y=1.07)
     return fig
 
 
 def dare_merges(lab, p: float = 0.9, density: float = 0.2, ties_lambdas: Sequence[float] = TIES_LAMBDAS,
-                ta_lambdas: Sequence[float] = TASK_ARITHMETIC_LAMBDAS, seed: int = 0) -> pd.DataFrame:
+                ta_lambdas: Sequence[float] = TASK_ARITHMETIC_LAMBDAS, seed: int = 0, *,
+                search_dare_lambda: bool = True) -> pd.DataFrame:
     """dare_linear and dare_ties at drop rate p next to task arithmetic and TIES (k = density), all tasks.
 
     dare_linear = DARE then task arithmetic (λ grid of task arithmetic); dare_ties = DARE then TIES'
-    election and disjoint mean (λ grid of TIES)."""
-    specs = {
-        "task arithmetic": ("task_arithmetic", {}, ta_lambdas),
-        f"DARE + task arithmetic (dare_linear, p = {p:g})": ("dare_linear", {"p": p}, ta_lambdas),
-        f"TIES (k = {density:g})": ("ties", {"density": density}, ties_lambdas),
-        f"DARE + TIES (dare_ties, p = {p:g})": ("dare_ties", {"p": p}, ties_lambdas),
-    }
-    methods = {}
-    for label, (method, params, lambdas) in progress(specs.items(), desc="merges", total=len(specs)):
-        merged = lab.merge(method, lam=1.0, **params, **({"seed": seed} if method.startswith("dare") else {}))
-        methods[label] = (scaled(lab, delta_of(lab, merged)), lambdas)
-    return evaluate_methods(lab, methods)
+    election and disjoint mean (λ grid of TIES). search_dare_lambda=False gives each DARE merge the λ its
+    plain counterpart got on validation (DARE's rescale keeps E[τ̃] = τ, so the same λ applies; fewer
+    evaluations)."""
+    plain = {"task_arithmetic": ("task arithmetic", {}, ta_lambdas),
+             "ties": (f"TIES (k = {density:g})", {"density": density}, ties_lambdas)}
+    dare = {"task_arithmetic": ("dare_linear", f"dare_linear (p = {p:g})"),
+            "ties": ("dare_ties", f"dare_ties (p = {p:g})")}
+    frames = []
+    for method, (label, params, lambdas) in progress(plain.items(), desc="merges", total=len(plain)):
+        row = evaluate_methods(lab, {label: (scaled(lab, delta_of(lab, lab.merge(method, lam=1.0, **params))), lambdas)})
+        dare_method, dare_label = dare[method]
+        merged = lab.merge(dare_method, lam=1.0, p=p, seed=seed)
+        dare_lambdas = lambdas if search_dare_lambda else (float(row["lambda"].iloc[0]),)
+        frames += [row, evaluate_methods(lab, {dare_label: (scaled(lab, delta_of(lab, merged)), dare_lambdas)})]
+    return pd.concat(frames, ignore_index=True)
 
 
 def dare_view(lab, task: str, p: float = 0.9, seed: int = 0):
