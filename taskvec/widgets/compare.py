@@ -157,7 +157,8 @@ def plot_norm_paths(norms: Mapping[str, pd.DataFrame], title: str = "Weight norm
                         marker="o" if len(d) < 15 else None)
             ax.axhline(1.0, color="0.5", ls=":", lw=1)
             ax.set_xlabel("t (0 = model a, 1 = model b)")
-            ax.set_ylabel("‖θ(t)‖ / ((1−t)‖θ_a‖ + t‖θ_b‖)")
+            v = "τ" if space == "task_vectors" else "θ"
+            ax.set_ylabel(f"‖{v}(t)‖ / ((1−t)‖{v}_a‖ + t‖{v}_b‖)")
             ax.set_title(labels.get(space, space), fontsize=10)
             lo = float(df["relative_norm"].min())
             if lo > 0.999:  # the dip is tiny: show it on its own scale rather than as a flat line
