@@ -324,6 +324,23 @@ def test_views_and_plots_render(lab):
     assert "0.005" in " ".join(t.get_text() for t in fig.axes[0].get_legend().get_texts())
 
 
+def test_ties_view_merges_once_per_density():
+    lab = FakeLab(seed=3)
+    calls = []
+    merge = lab.merge
+    lab.merge = lambda *a, **k: (calls.append(k), merge(*a, **k))[1]
+    first = sweeps.ties_view(lab, density=0.3, lam=1.0)
+    sweeps.ties_view(lab, density=0.3, lam=0.5)  # a λ move rescales the cached merged vector
+    assert len(calls) == 1 and calls[0]["density"] == 0.3
+    sweeps.ties_view(lab, density=0.5, lam=1.0)
+    assert len(calls) == 2
+    # the bars show TIES' per-task accuracy at (k, λ)
+    merged = lab.merge("ties", density=0.3, lam=1.0)
+    acc = lab.accuracy(merged, split="test")
+    heights = [round(b.get_height(), 6) for b in first.axes[0].patches]
+    assert all(round(acc[t], 6) in heights for t in lab.tasks)
+
+
 # ------------------------------------------------------------------ the real zoo
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,11 @@ and then scaled: for every method here the merged model is linear in λ,
 θ(λ) = θ₀ + λ·τ_m, so a λ search costs evaluations, not merges. λ is chosen
 on the validation split and reported on the test split (TIES, EMTA).
 
-The TIES ablation is built from the per-tensor steps of `taskvec.methods`
-(`trim_topk`, `elect_sign`, `agreement`), so each switch removes exactly one
-step; its full variant equals `merge(method="ties")` (tests check it).
+The TIES ablation removes exactly one step at a time, through `merge()`
+parameters where they express it (density=1, consensus="count",
+normalize=False) and through the per-tensor steps of `taskvec.methods`
+(`trim_topk`, `elect_sign`, `agreement`) where they don't; the tests check
+every variant against a per-tensor reference (`ties_tensor`).
 """
 from __future__ import annotations
 
@@ -26,13 +28,13 @@ from taskvec._progress import progress
 from taskvec.errors import ParameterError
 from taskvec.viz import new_figure, style
 
-#: λ grids searched on validation data. TIES' disjoint mean has the size of one task's update (λ ≈ 1,
-#: the paper searches 0.8-3.0); task arithmetic sums n task vectors (λ ≈ 0.3-0.5, EMTA).
+#: λ grids searched on validation data. TIES' disjoint mean has the size of one task's update (λ ≈ 1);
+#: task arithmetic sums n task vectors (λ ≈ 0.3-0.5, EMTA).
 TIES_LAMBDAS = (0.8, 1.0, 1.2, 1.5, 2.0)
 TASK_ARITHMETIC_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 #: DARE Fig. 1's drop rates (the paper goes up to 0.99).
 DARE_DROP_RATES = (0.0, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
-#: DARE's reported limit: drop-and-rescale degrades once |τ| exceeds about this (DARE Sec. 4.2).
+#: DARE's reported limit: drop-and-rescale degrades once |τ| exceeds about this (DARE paper).
 DARE_DELTA_LIMIT = 0.005
 
 WeightsFor = Callable[[float], dict]
@@ -325,18 +327,19 @@ def ties_vs_baselines(lab, density: float = 0.2, ties_lambdas: Sequence[float] =
     return evaluate_methods(lab, methods)
 
 
-def ties_view(lab, density: float = 0.2, lam: float = 1.0, *, _cache: dict = {}):  # noqa: B006 (per-process cache)
+def ties_view(lab, density: float = 0.2, lam: float = 1.0):
     """Per-task test accuracy of TIES at (density k, λ) next to the base and each fine-tuned model.
 
-    The merged τ_m for a density is cached, so moving the λ slider costs one evaluation."""
+    The merged τ_m of the last few densities is kept on the lab, so moving the λ slider costs one evaluation."""
     from taskvec.methods import check_density
 
-    key = (id(lab), round(check_density(density), 6))
-    if key not in _cache:
-        if len(_cache) >= 4:
-            _cache.pop(next(iter(_cache)))
-        _cache[key] = delta_of(lab, lab.merge("ties", density=density, lam=1.0))
-    acc = lab.accuracy(scaled(lab, _cache[key])(lam), split="test", tasks=lab.tasks)
+    cache = lab.__dict__.setdefault("_ties_view_deltas", {})
+    key = round(check_density(density), 6)
+    if key not in cache:
+        if len(cache) >= 3:
+            cache.pop(next(iter(cache)))
+        cache[key] = delta_of(lab, lab.merge("ties", density=density, lam=1.0))
+    acc = lab.accuracy(scaled(lab, cache[key])(lam), split="test", tasks=lab.tasks)
     base, ft = lab.base_accuracy(), lab.finetuned_accuracy()
     norm = _mean(lab.normalized(acc), lab.tasks)
     x = np.arange(len(lab.tasks))
