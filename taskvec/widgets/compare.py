@@ -216,10 +216,10 @@ def interpolation_view(lab, a: str, b: str, t: float = 0.5, space: str = "task_v
             for xi, v in zip(x + (i - 0.5) * 0.38, vals):
                 ax.text(xi, v + 0.01, f"{v:.2f}", ha="center", fontsize=9)
         ax.set_xticks(x, [a, b])
-        ax.set_ylim(0, 1.1)
+        ax.set_ylim(0, 1.25)
         ax.set_ylabel("test accuracy")
         ax.set_title(f"t = {t:.2f} between {a} and {b} ({space.replace('_', ' ')})")
-        ax.legend(loc="lower center", fontsize=8.5)
+        ax.legend(loc="upper center", ncol=2, fontsize=8.5)
     return fig
 
 
@@ -495,11 +495,12 @@ def method_view(table: pd.DataFrame, method: str, tasks: Sequence[str], control:
             vals = [rows.loc[row].get(f"acc_{n}", np.nan) for n in names]
             ax.bar(x + (i - 1) * width, vals, width, color=color, label=label)
         ax.set_xticks(x, [n + (" (control)" if n in control else "") for n in names])
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.18)
         ax.set_ylabel("test accuracy")
         r = rows.loc[method]
-        ax.set_title(f"{method} ({r['params']}): mean normalised accuracy {r['normalized_accuracy']:.3f}")
-        ax.legend(loc="lower right", fontsize=8.5)
+        params = "" if r["params"] in ("—", None) else f" ({r['params']})"
+        ax.set_title(f"{method}{params}: mean normalised accuracy {r['normalized_accuracy']:.3f}")
+        ax.legend(loc="upper center", ncol=3, fontsize=8.5)
     return fig
 
 
@@ -563,8 +564,8 @@ def plot_passthrough(table: pd.DataFrame, title: str = "Depth up-scaling before 
             ax.bar(x + (i - (table.shape[1] - 1) / 2) * width, table[col].to_numpy(dtype=float), width,
                    color=("0.65", "C4", "C2", "C1")[i % 4], label=col)
         ax.set_xticks(x, names)
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.18)
         ax.set_ylabel("test accuracy (frozen heads)")
         ax.set_title(title)
-        ax.legend(loc="lower right", fontsize=8.5)
+        ax.legend(loc="upper center", ncol=2, fontsize=8.5)
     return fig
