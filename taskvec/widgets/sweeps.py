@@ -465,11 +465,13 @@ def dare_curve(lab, tasks: Sequence[str] | None = None, ps: Sequence[float] = DA
     base, ft = lab.base_accuracy(), lab.finetuned_accuracy()
     frames = []
     for t in progress(tasks, desc="DARE curves"):
+        # τ as plain tensors, computed once: every grid point re-reads the whole vector
+        tau = {k: lab.finetuned(t)[k].to(torch.float32) - lab.base[k].to(torch.float32) for k in float_keys(lab)}
         parts = []
         for i, r in enumerate(rescale):
             # p = 0 is the fine-tuned model whatever the rescale: evaluate it once, copy the row
             grid = list(ps) if i == 0 else [p for p in ps if p != 0] or list(ps)
-            sweep = dare_sweep(lab.task_vector(t), ps=grid, rescale=(r,), eval_fn=accuracy_fn(lab, [t]),
+            sweep = dare_sweep(tau, ps=grid, rescale=(r,), eval_fn=accuracy_fn(lab, [t]),
                                base=lab.base, seed=seed, eval_base=False, name=t)
             d = sweep.data.assign(rescale=r)
             if i > 0 and len(grid) < len(ps):
@@ -481,6 +483,7 @@ def dare_curve(lab, tasks: Sequence[str] | None = None, ps: Sequence[float] = DA
         d["finetuned_accuracy"] = ft[t]
         d["normalized"] = d["accuracy"] / ft[t]
         frames.append(d)
+        del tau
     return pd.DataFrame(pd.concat(frames, ignore_index=True))
 
 
