@@ -502,7 +502,8 @@ class CompiledMerge:
             who = f" [{model}]" if isinstance(model, str) else ""
             values = group["value"]
             if values.nunique() <= 1:
-                lines.append(f"  {name}{who} = {values.iloc[0]!r}")
+                value = values.iloc[0]
+                lines.append(f"  {name}{who} = {(value.item() if hasattr(value, 'item') else value)!r}")
                 continue
             lines.append(f"  {name}{who} varies by tensor (layer x tensor):")
             g = group.assign(kind=group["tensor"].str.replace(r"^.*?\.\d+\.", "", regex=True))
