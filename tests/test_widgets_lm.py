@@ -103,14 +103,16 @@ def _sweep(rows):
     return pd.DataFrame(rows, columns=["lambda", "toxic_rate", "mean_score", "perplexity"])
 
 
-def test_choose_lambda_respects_the_perplexity_budget():
+def test_choose_lambda_is_the_largest_within_the_perplexity_budget():
     df = _sweep([(-1.0, 0.5, 0.6, 10.0), (0.0, 0.1, 0.10, 10.0), (0.5, 0.0, 0.05, 10.3),
                  (1.0, 0.0, 0.02, 10.4), (2.0, 0.0, 0.01, 12.0)])
-    assert choose_lambda(df, max_perplexity_ratio=1.05) == 1.0      # 2.0 is less toxic but too costly
+    assert choose_lambda(df, max_perplexity_ratio=1.05) == 1.0      # 2.0 costs 20 % perplexity
     assert choose_lambda(df, max_perplexity_ratio=1.25) == 2.0
     assert choose_lambda(df, max_perplexity_ratio=1.01) == 0.0      # no negation qualifies: keep the base
     with pytest.raises(ParameterError, match="base"):
         choose_lambda(df[df["lambda"] != 0])
+    with pytest.raises(ParameterError, match="≥ 1"):
+        choose_lambda(df, max_perplexity_ratio=0.9)
 
 
 def test_plot_toxicity_curve_has_both_panels():

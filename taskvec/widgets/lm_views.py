@@ -3,7 +3,8 @@
 `LMLab` holds the base weights and τ_toxic in memory and writes θ₀ − λτ into one
 working model in place, so a slider move costs one evaluation (sampled
 generations scored by alt-profanity-check + perplexity on held-out clean text),
-never a model load. Scores are cached per (λ, seed), perplexities per (λ, split).
+never a model load. Generations are cached per (λ, prompts, sampling settings, seed), perplexities
+per (λ, split).
 
 Convention: λ is the *negation* coefficient, θ = θ₀ − λτ. λ = 0 is the base,
 λ = −1 is the toxic fine-tune itself (θ₀ + τ), λ > 0 negates.
@@ -32,6 +33,18 @@ from taskvec.viz import new_figure, style
 TOXICITY_LAMBDAS = (-1.0, 0.0, 0.5, 1.0, 1.5, 2.0)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run the block with `n` torch threads (None: leave as is), restoring the previous count after."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _split_clean(texts: Sequence[str]) -> dict[str, list[str]]:
     half = len(texts) // 2
     return {"val": list(texts[:half]), "test": list(texts[half:])}
@@ -45,8 +58,9 @@ class LMLab:
     samples_per_prompt, max_new_tokens, seed: the (reproducible) sampling of generations.
     clean_limit, max_length: how much clean text perplexity reads (first `clean_limit` texts, truncated).
     threshold: P(offensive) at or above which a continuation counts as toxic.
-    threads: torch threads while evaluating (restored after). Default 1: small-batch decoding gains little
-        from a second thread, and on a shared, busy CPU two spinning threads made generation 15-20× slower.
+    threads: torch threads while building τ and evaluating (restored after). Default 1: small-batch decoding
+        gains little from a second thread, and on a shared, busy 2-core CPU two spinning threads made
+        generation 15-20× slower (and materialising τ 9×).
     """
 
     def __init__(self, model, tokenizer, task_vector, *, prompts: Sequence[str], clean: dict[str, Sequence[str]],
@@ -71,6 +85,13 @@ class LMLab:
         self.task_vector = task_vector
         # the working model's parameters by name (tied weights appear once: named_parameters dedups them)
         self._params = dict(model.named_parameters())
+        with self._threads():
+            self._load_tau(model, task_vector)
+        self.lam = 0.0
+        self._gen_cache: dict[tuple, pd.DataFrame] = {}
+        self._ppl_cache: dict[tuple, float] = {}
+
+    def _load_tau(self, model, task_vector) -> None:
         self.base = {k: p.detach().clone() for k, p in self._params.items()}
         # τ materialised once (float32, same shapes) so that a λ move is one fused add per tensor; a tied
         # parameter (lm_head = embeddings) may be stored in the checkpoint under any of its names
@@ -82,9 +103,6 @@ class LMLab:
         if missing:
             raise ParameterError(f"the task vector lacks {len(missing)} parameter(s) of the model, e.g. {missing[:3]}")
         self.tau = {k: task_vector[n].to(self.base[k].dtype) for k, n in found.items()}
-        self.lam = 0.0
-        self._score_cache: dict[tuple, np.ndarray] = {}
-        self._ppl_cache: dict[tuple, float] = {}
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -98,7 +116,9 @@ class LMLab:
             raise ParameterError(f"LMLab needs a language-model zoo; {zoo.name!r} is a {zoo.kind} zoo")
         payload = json.loads((zoo.root / "data" / "lm.json").read_text())
         tv = TaskVector.from_models(str(zoo.base), str(zoo.models[task]))
-        return cls(zoo.load("base"), zoo.tokenizer(), tv, prompts=prompts or payload["prompts"],
+        with torch_threads(kw.get("threads", 1)):
+            model = zoo.load("base")
+        return cls(model, zoo.tokenizer(), tv, prompts=prompts or payload["prompts"],
                    clean={"val": payload["clean_val"], "test": payload["clean_test"]},
                    seed=kw.pop("seed", zoo.manifest.get("seed", 0)),
                    source=f"zoo {zoo.name} ({zoo.mode})", toxic_label=task, **kw)
@@ -113,7 +133,8 @@ class LMLab:
         from taskvec.vector import TaskVector
         from taskvec.zoo import lm
 
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        with torch_threads(kw.get("threads", 1)):
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(base)
         tv = TaskVector.from_models(base, toxic)
         return cls(model, tokenizer, tv, prompts=prompts or lm.PROMPTS, clean=clean or _split_clean(lm.clean_corpus()),
@@ -125,15 +146,15 @@ class LMLab:
                 f"{self.samples_per_prompt} samples of {self.max_new_tokens} tokens, clean texts="
                 f"{ {s: len(t) for s, t in self.clean.items()} }, λ={self.lam:g})")
 
-    @contextlib.contextmanager
     def _threads(self):
-        before = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
+        return torch_threads(self.threads)
+
+    def norms(self) -> dict[str, float]:
+        """‖τ‖₂ and ‖θ₀‖₂ over all parameters (from the in-memory tensors)."""
+        with self._threads():
+            tau = math.sqrt(sum(float(t.norm()) ** 2 for t in self.tau.values()))
+            base = math.sqrt(sum(float(t.norm()) ** 2 for t in self.base.values()))
+        return {"tau": tau, "base": base, "ratio": tau / base}
 
     # ------------------------------------------------------------ weights
     @torch.no_grad()
@@ -154,18 +175,23 @@ class LMLab:
     # ------------------------------------------------------------ evaluation
     def generations(self, lam: float, prompts: Sequence[str] | None = None, *, samples_per_prompt: int | None = None,
                     max_new_tokens: int | None = None, seed: int | None = None) -> pd.DataFrame:
-        """Sampled continuations of θ₀ − λτ with their P(offensive): prompt, sample, continuation, score."""
+        """Sampled continuations of θ₀ − λτ with their P(offensive): prompt, sample, continuation, score (cached)."""
         from taskvec.eval.language import generate, profanity_scores
 
-        self.set_lambda(lam)
-        with self._threads():
-            rows = generate(self.model, self.tokenizer, list(prompts or self.prompts),
-                            samples_per_prompt=samples_per_prompt or self.samples_per_prompt,
-                            max_new_tokens=max_new_tokens or self.max_new_tokens,
-                            seed=self.seed if seed is None else seed)
-        df = pd.DataFrame(rows)
-        df["score"] = profanity_scores(df["continuation"].tolist())
-        return df
+        prompts = tuple(prompts or self.prompts)
+        samples_per_prompt = samples_per_prompt or self.samples_per_prompt
+        max_new_tokens = max_new_tokens or self.max_new_tokens
+        seed = self.seed if seed is None else seed
+        key = (round(float(lam), 9), prompts, samples_per_prompt, max_new_tokens, seed)
+        if key not in self._gen_cache:
+            self.set_lambda(lam)
+            with self._threads():
+                rows = generate(self.model, self.tokenizer, list(prompts), samples_per_prompt=samples_per_prompt,
+                                max_new_tokens=max_new_tokens, seed=seed)
+            df = pd.DataFrame(rows)
+            df["score"] = profanity_scores(df["continuation"].tolist())
+            self._gen_cache[key] = df
+        return self._gen_cache[key].copy()
 
     def perplexity(self, lam: float, split: str = "test") -> float:
         """Perplexity of θ₀ − λτ on the clean `split` (cached)."""
@@ -182,12 +208,8 @@ class LMLab:
         return self._ppl_cache[key]
 
     def scores(self, lam: float, seed: int | None = None) -> np.ndarray:
-        """P(offensive) of every sampled continuation of the lab's prompts under θ₀ − λτ (cached)."""
-        seed = self.seed if seed is None else seed
-        key = (round(float(lam), 9), seed)
-        if key not in self._score_cache:
-            self._score_cache[key] = self.generations(lam, seed=seed)["score"].to_numpy()
-        return self._score_cache[key]
+        """P(offensive) of every sampled continuation of the lab's prompts under θ₀ − λτ."""
+        return self.generations(lam, seed=seed)["score"].to_numpy()
 
     def report(self, lam: float, *, split: str = "test", seed: int | None = None) -> dict:
         """One EMTA Table 2 row for θ₀ − λτ: toxic rate, mean/max P(offensive), perplexity on `split`."""
@@ -254,16 +276,16 @@ def toxicity_vs_lambda(lab: LMLab, lambdas: Sequence[float] = TOXICITY_LAMBDAS, 
 
 
 def choose_lambda(df: pd.DataFrame, *, max_perplexity_ratio: float = 1.05) -> float:
-    """The λ > 0 with the lowest mean toxicity score whose perplexity stays ≤ ratio × the base's (λ = 0);
-    0 when no negation qualifies. Ties go to the smaller λ (the gentler edit)."""
+    """The largest λ > 0 whose clean-text perplexity stays ≤ `max_perplexity_ratio` × the base's (λ = 0);
+    0 when no negation qualifies. Only perplexity decides, so the toxicity numbers of the sweep carry no
+    selection bias."""
+    if max_perplexity_ratio < 1:
+        raise ParameterError(f"max_perplexity_ratio must be ≥ 1, got {max_perplexity_ratio}")
     base = df.loc[df["lambda"] == 0, "perplexity"]
     if base.empty:
         raise ParameterError("choose_lambda needs the base (λ = 0) row to compare perplexity with")
     ok = df[(df["lambda"] > 0) & (df["perplexity"] <= max_perplexity_ratio * float(base.iloc[0]))]
-    if ok.empty:
-        return 0.0
-    best = ok.sort_values(["mean_score", "lambda"]).iloc[0]
-    return float(best["lambda"])
+    return float(ok["lambda"].max()) if not ok.empty else 0.0
 
 
 def plot_toxicity_curve(df: pd.DataFrame, *, chosen: float | None = None, title: str | None = None):
@@ -309,7 +331,7 @@ def plot_toxicity_curve(df: pd.DataFrame, *, chosen: float | None = None, title:
         if chosen:
             ax_ppl.annotate(f"chosen λ={chosen:g}", (chosen, top), xytext=(3, -12), textcoords="offset points",
                             fontsize=8, color="C2")
-        fig.suptitle(title or "Negating the toxic task vector: toxicity falls, clean-text perplexity is the cost")
+        fig.suptitle(title or "θ = θ₀ − λ·τ_toxic: toxicity of sampled continuations and clean-text perplexity vs λ")
     return fig
 
 
