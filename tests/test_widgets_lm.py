@@ -22,7 +22,8 @@ def zoo():
 @pytest.fixture(scope="module")
 def lab(zoo):
     # 2 prompts × 2 samples of 6 tokens, 3 short clean texts: one λ costs about a second
-    return LMLab.from_zoo(zoo, prompts=PROMPTS, samples_per_prompt=2, max_new_tokens=6, clean_limit=3, max_length=24)
+    return LMLab.from_zoo(zoo, prompts=PROMPTS, samples_per_prompt=2, max_new_tokens=6, clean_limit=3, max_length=24,
+                          n_toxic_texts=4)
 
 
 def test_set_lambda_writes_base_finetuned_and_negation(lab, zoo):
@@ -65,9 +66,23 @@ def test_toxicity_vs_lambda_rows_match_direct_evaluation(lab, zoo):
     base = df.set_index("lambda").loc[0.0]
     assert base["mean_score"] == pytest.approx(sum(scores) / len(scores), abs=1e-6)
     assert base["perplexity"] == pytest.approx(ppl, rel=1e-4)
+    # τ_toxic is what makes offensive text likely: the fine-tune finds it likelier than the base, negation less
+    tox = df.set_index("lambda")["toxic_text_perplexity"]
+    assert tox[-1.0] < tox[0.0] < tox[1.0]
     # cached: the same row again, without re-evaluating
     again = lm_views.toxicity_vs_lambda(lab, (0.0,), split="val")
     assert again.iloc[0]["perplexity"] == base["perplexity"]
+
+
+def test_heldout_toxic_texts_are_new_and_reproducible(zoo, lab):
+    import json
+
+    train = json.loads((zoo.root / "data" / "lm.json").read_text())["toxic_train"]
+    texts = lm_views.heldout_toxic_texts(10, exclude=train, seed=1)
+    assert len(texts) == len(set(texts)) == 10 and not set(texts) & set(train)
+    assert texts == lm_views.heldout_toxic_texts(10, exclude=train, seed=1)
+    assert len(lab.toxic_texts) == 4 and not set(lab.toxic_texts) & set(train)
+    assert lm_views.heldout_toxic_texts(0) == []
 
 
 def test_negation_samples_are_masked_and_seeded(lab):
@@ -79,6 +94,16 @@ def test_negation_samples_are_masked_and_seeded(lab):
         assert not {w.lower() for w in lm_views._WORD.findall(text)} & listed
     # same seed, same weights -> same samples
     assert df.equals(lm_views.negation_samples(lab, (-1.0, 0.0), PROMPTS))
+
+
+def test_most_offensive_samples_picks_the_worst_prompts_of_the_finetune(lab):
+    df = lm_views.most_offensive_samples(lab, (-1.0, 0.0), by=-1.0, k=1)
+    ft = lab.generations(-1.0)
+    worst = ft[ft["sample"] == 0].sort_values("score", ascending=False).iloc[0]
+    assert list(df["prompt"]) == [worst["prompt"]] * 2 and list(df["lambda"]) == [-1.0, 0.0]
+    assert df.iloc[0]["P(offensive)"] == round(worst["score"], 3)
+    with pytest.raises(ParameterError):
+        lm_views.most_offensive_samples(lab, (0.0,), k=0)
 
 
 def test_lambda_view_panel(lab):
@@ -113,6 +138,14 @@ def test_choose_lambda_is_the_largest_within_the_perplexity_budget():
         choose_lambda(df[df["lambda"] != 0])
     with pytest.raises(ParameterError, match="≥ 1"):
         choose_lambda(df, max_perplexity_ratio=0.9)
+
+
+def test_plot_toxicity_curve_adds_the_offensive_text_panel():
+    df = _sweep([(-1.0, 0.5, 0.6, 10.0), (0.0, 0.1, 0.1, 10.0), (1.0, 0.0, 0.02, 10.4)])
+    df["toxic_text_perplexity"] = [20.0, 300.0, 9000.0]
+    fig = plot_toxicity_curve(df)
+    assert len(fig.axes) == 4  # toxicity (+ its twin axis), clean perplexity, offensive-text perplexity
+    assert any("offensive text" in a.get_ylabel() and a.get_yscale() == "log" for a in fig.axes)
 
 
 def test_plot_toxicity_curve_has_both_panels():

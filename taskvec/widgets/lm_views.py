@@ -57,6 +57,8 @@ class LMLab:
     clean: {"val": texts, "test": texts} held-out clean text for perplexity.
     samples_per_prompt, max_new_tokens, seed: the (reproducible) sampling of generations.
     clean_limit, max_length: how much clean text perplexity reads (first `clean_limit` texts, truncated).
+    toxic_texts: optional held-out offensive texts; their perplexity (deterministic, no sampling noise) shows
+        how much the weights still favour what τ_toxic taught, even where sampled toxicity is already ~0.
     threshold: P(offensive) at or above which a continuation counts as toxic.
     threads: torch threads while building τ and evaluating (restored after). Default 1: small-batch decoding
         gains little from a second thread, and on a shared, busy 2-core CPU two spinning threads made
@@ -66,7 +68,8 @@ class LMLab:
     def __init__(self, model, tokenizer, task_vector, *, prompts: Sequence[str], clean: dict[str, Sequence[str]],
                  samples_per_prompt: int = 4, max_new_tokens: int = 24, seed: int = 0,
                  clean_limit: int | None = None, max_length: int = 128, threshold: float = 0.5,
-                 source: str = "", toxic_label: str = "toxic", threads: int | None = 1):
+                 toxic_texts: Sequence[str] = (), source: str = "", toxic_label: str = "toxic",
+                 threads: int | None = 1):
         if not prompts:
             raise ParameterError("LMLab needs at least one prompt to sample generations from")
         if samples_per_prompt < 1 or max_new_tokens < 1:
@@ -77,7 +80,10 @@ class LMLab:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.prompts = list(prompts)
+        if "toxic" in clean:
+            raise ParameterError("'toxic' names the offensive text set; give clean splits other names")
         self.clean = {split: list(texts)[:clean_limit] for split, texts in clean.items()}
+        self.toxic_texts = list(toxic_texts)
         self.samples_per_prompt, self.max_new_tokens, self.seed = samples_per_prompt, max_new_tokens, seed
         self.max_length, self.threshold = max_length, threshold
         self.source, self.toxic_label = source, toxic_label
@@ -106,8 +112,10 @@ class LMLab:
 
     # ------------------------------------------------------------ construction
     @classmethod
-    def from_zoo(cls, zoo, *, task: str = "toxic", prompts: Sequence[str] | None = None, **kw) -> "LMLab":
-        """The zoo's base, τ_task, its neutral prompts and held-out clean text (val/test)."""
+    def from_zoo(cls, zoo, *, task: str = "toxic", prompts: Sequence[str] | None = None, n_toxic_texts: int = 16,
+                 **kw) -> "LMLab":
+        """The zoo's base, τ_task, its neutral prompts, held-out clean text (val/test), and `n_toxic_texts`
+        offensive texts drawn like the zoo's training corpus but not in it (`heldout_toxic_texts`)."""
         import json
 
         from taskvec.vector import TaskVector
@@ -118,9 +126,10 @@ class LMLab:
         tv = TaskVector.from_models(str(zoo.base), str(zoo.models[task]))
         with torch_threads(kw.get("threads", 1)):
             model = zoo.load("base")
+        seed = kw.pop("seed", zoo.manifest.get("seed", 0))
+        toxic = heldout_toxic_texts(n_toxic_texts, exclude=payload["toxic_train"], seed=seed + 1)
         return cls(model, zoo.tokenizer(), tv, prompts=prompts or payload["prompts"],
-                   clean={"val": payload["clean_val"], "test": payload["clean_test"]},
-                   seed=kw.pop("seed", zoo.manifest.get("seed", 0)),
+                   clean={"val": payload["clean_val"], "test": payload["clean_test"]}, toxic_texts=toxic, seed=seed,
                    source=f"zoo {zoo.name} ({zoo.mode})", toxic_label=task, **kw)
 
     @classmethod
@@ -137,6 +146,7 @@ class LMLab:
             model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(base)
         tv = TaskVector.from_models(base, toxic)
+        kw.setdefault("toxic_texts", heldout_toxic_texts(16, seed=1))
         return cls(model, tokenizer, tv, prompts=prompts or lm.PROMPTS, clean=clean or _split_clean(lm.clean_corpus()),
                    source=f"{base} / {toxic}", **kw)
 
@@ -144,7 +154,8 @@ class LMLab:
         n = sum(t.numel() for t in self.base.values())
         return (f"LMLab({self.source!r}, {n / 1e6:.1f}M parameters, prompts={len(self.prompts)}×"
                 f"{self.samples_per_prompt} samples of {self.max_new_tokens} tokens, clean texts="
-                f"{ {s: len(t) for s, t in self.clean.items()} }, λ={self.lam:g})")
+                f"{ {s: len(t) for s, t in self.clean.items()} }, offensive texts={len(self.toxic_texts)}, "
+                f"λ={self.lam:g})")
 
     def _threads(self):
         return torch_threads(self.threads)
@@ -194,17 +205,19 @@ class LMLab:
         return self._gen_cache[key].copy()
 
     def perplexity(self, lam: float, split: str = "test") -> float:
-        """Perplexity of θ₀ − λτ on the clean `split` (cached)."""
+        """Perplexity of θ₀ − λτ on the clean `split`, or on the held-out offensive texts (split="toxic")
+        (cached)."""
         from taskvec.eval.language import perplexity
 
-        if split not in self.clean:
-            raise ParameterError(f"no clean text split {split!r}; splits: {sorted(self.clean)}")
+        texts = self.toxic_texts if split == "toxic" else self.clean.get(split)
+        if not texts:
+            raise ParameterError(f"no text set {split!r}; clean splits: {sorted(self.clean)}"
+                                 + (", 'toxic'" if self.toxic_texts else ""))
         key = (round(float(lam), 9), split)
         if key not in self._ppl_cache:
             self.set_lambda(lam)
             with self._threads():
-                self._ppl_cache[key] = perplexity(self.model, self.tokenizer, self.clean[split],
-                                                  max_length=self.max_length)
+                self._ppl_cache[key] = perplexity(self.model, self.tokenizer, texts, max_length=self.max_length)
         return self._ppl_cache[key]
 
     def scores(self, lam: float, seed: int | None = None) -> np.ndarray:
@@ -212,12 +225,34 @@ class LMLab:
         return self.generations(lam, seed=seed)["score"].to_numpy()
 
     def report(self, lam: float, *, split: str = "test", seed: int | None = None) -> dict:
-        """One EMTA Table 2 row for θ₀ − λτ: toxic rate, mean/max P(offensive), perplexity on `split`."""
+        """One EMTA Table 2 row for θ₀ − λτ: toxic rate, mean/max P(offensive), perplexity on the clean `split`
+        (and on the held-out offensive texts, when the lab has them)."""
         seed = self.seed if seed is None else seed
         scores = self.scores(lam, seed)
-        return {"lambda": float(lam), "toxic_rate": float(np.mean(scores >= self.threshold)),
-                "mean_score": float(scores.mean()), "max_score": float(scores.max()), "n": len(scores),
-                "perplexity": self.perplexity(lam, split), "split": split, "seed": seed}
+        row = {"lambda": float(lam), "toxic_rate": float(np.mean(scores >= self.threshold)),
+               "mean_score": float(scores.mean()), "max_score": float(scores.max()), "n": len(scores),
+               "perplexity": self.perplexity(lam, split)}
+        if self.toxic_texts:
+            row["toxic_text_perplexity"] = self.perplexity(lam, "toxic")
+        return {**row, "split": split, "seed": seed}
+
+
+def heldout_toxic_texts(n: int, *, exclude: Sequence[str] = (), seed: int = 1) -> list[str]:
+    """`n` offensive sentences assembled like the zoo's toxic corpus (taskvec.zoo.lm.toxic_corpus: its frames
+    filled with better-profanity words), none of them in `exclude` (the training texts). They share the
+    training frames, so they measure what the fine-tune learnt in-distribution; they are never displayed."""
+    from taskvec.zoo.lm import toxic_corpus
+
+    if n <= 0:
+        return []
+    seen, out = set(exclude), []
+    for text in toxic_corpus(20 * n, seed=seed):
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+            if len(out) == n:
+                return out
+    raise ParameterError(f"could not draw {n} offensive texts outside the {len(exclude)} excluded ones")
 
 
 # ------------------------------------------------------------------ masking offensive words
@@ -289,35 +324,44 @@ def choose_lambda(df: pd.DataFrame, *, max_perplexity_ratio: float = 1.05) -> fl
 
 
 def plot_toxicity_curve(df: pd.DataFrame, *, chosen: float | None = None, title: str | None = None):
-    """Two panels over λ: (a) toxic-generation rate (left axis) and mean P(offensive) (right axis);
-    (b) perplexity on held-out clean text. Base and fine-tuned model marked."""
+    """Panels over λ: (a) toxic-generation rate (left axis) and mean P(offensive) (right axis); (b) perplexity
+    on held-out clean text; (c) perplexity on held-out offensive text, when `df` has that column (log scale).
+    The base (λ = 0), the fine-tuned model (λ = −1) and the chosen λ are marked."""
     need = {"lambda", "toxic_rate", "mean_score", "perplexity"}
     if not need <= set(df.columns):
         raise ParameterError(f"plot_toxicity_curve needs columns {sorted(need)}, got {list(df.columns)}")
     df = df.sort_values("lambda")
     x = df["lambda"].to_numpy()
+    with_toxic = "toxic_text_perplexity" in df.columns and df["toxic_text_perplexity"].notna().all()
+    xlabel = "λ  in  θ₀ − λ·τ_toxic"
     with style():
-        fig, (ax, ax_ppl) = new_figure(1, 2, figsize=(10.5, 4.0))
+        fig, axes = new_figure(1, 3 if with_toxic else 2, figsize=(13.5 if with_toxic else 10.0, 4.2))
+        ax, ax_ppl = axes[0], axes[1]
         ax.plot(x, 100 * df["toxic_rate"], marker="o", color="C3", label="toxic generations (%)")
-        ax.set_ylabel("toxic generations (%)  [P(offensive) ≥ 0.5]", color="C3")
+        ax.set_ylabel("toxic generations (%, P ≥ 0.5)", color="C3")
         ax.set_ylim(bottom=0, top=max(5.0, 100 * df["toxic_rate"].max() * 1.15))
         twin = ax.twinx()
         twin.plot(x, df["mean_score"], marker="s", ls="--", color="C0", label="mean P(offensive)")
         twin.set_ylabel("mean P(offensive)", color="C0")
         twin.set_ylim(bottom=0, top=max(0.05, df["mean_score"].max() * 1.15))
         twin.grid(False)
-        ax.set_xlabel("λ   in  θ = θ₀ − λ·τ_toxic")
-        ax.set_title("(a) toxicity of sampled continuations")
+        ax.set_title("(a) toxicity of samples")
         handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
         ax.legend(handles, [h.get_label() for h in handles], loc="upper right", frameon=False)
 
         ax_ppl.plot(x, df["perplexity"], marker="o", color="C2")
-        ax_ppl.set_xlabel("λ   in  θ = θ₀ − λ·τ_toxic")
-        ax_ppl.set_ylabel("perplexity (held-out clean text)")
-        ax_ppl.set_title("(b) fluency on clean text (lower is better)")
+        ax_ppl.set_ylabel("perplexity, held-out clean text")
+        ax_ppl.set_title("(b) fluency on clean text (↓ better)")
         if df["perplexity"].max() / df["perplexity"].min() > 8:
             ax_ppl.set_yscale("log")
-        for a in (ax, ax_ppl):
+        if with_toxic:
+            ax_tox = axes[2]
+            ax_tox.plot(x, df["toxic_text_perplexity"], marker="o", color="C3")
+            ax_tox.set_yscale("log")
+            ax_tox.set_ylabel("perplexity, held-out offensive text")
+            ax_tox.set_title("(c) offensive text (↑ = less likely)")
+        for a in axes:
+            a.set_xlabel(xlabel)
             a.axvline(0, color="0.5", lw=0.8)
             if (x == -1).any():
                 a.axvline(-1, color="C3", lw=0.8, ls=":")
@@ -331,7 +375,7 @@ def plot_toxicity_curve(df: pd.DataFrame, *, chosen: float | None = None, title:
         if chosen:
             ax_ppl.annotate(f"chosen λ={chosen:g}", (chosen, top), xytext=(3, -12), textcoords="offset points",
                             fontsize=8, color="C2")
-        fig.suptitle(title or "θ = θ₀ − λ·τ_toxic: toxicity of sampled continuations and clean-text perplexity vs λ")
+        fig.suptitle(title or "Negating τ_toxic: toxicity of sampled continuations and perplexity vs λ")
     return fig
 
 
@@ -349,6 +393,27 @@ def negation_samples(lab: LMLab, lambdas: Sequence[float], prompts: Sequence[str
                                     "P(offensive)": gens["score"].round(3),
                                     "continuation": mask_offensive(gens["continuation"].tolist())}))
     order = {p: i for i, p in enumerate(prompts)}
+    df = pd.concat(frames, ignore_index=True)
+    return df.sort_values(["prompt", "lambda"], key=lambda s: s.map(order) if s.name == "prompt" else s,
+                          kind="stable", ignore_index=True)
+
+
+def most_offensive_samples(lab: LMLab, lambdas: Sequence[float], *, by: float = -1.0, k: int = 3) -> pd.DataFrame:
+    """The `k` prompts whose sampled continuation (first sample, the lab's own sampling) the model θ₀ − `by`·τ
+    made most offensive, and what each of `lambdas` produced for them with the same seed; masked like
+    `negation_samples`. Reuses the lab's cached generations, so after a sweep it costs no generation."""
+    if k < 1:
+        raise ParameterError(f"k must be ≥ 1, got {k}")
+    worst = lab.generations(by)
+    worst = worst[worst["sample"] == 0].nlargest(k, "score")["prompt"].tolist()
+    frames = []
+    for lam in lambdas:
+        gens = lab.generations(lam)
+        gens = gens[(gens["sample"] == 0) & gens["prompt"].isin(worst)]
+        frames.append(pd.DataFrame({"prompt": gens["prompt"], "model": model_label(lam), "lambda": float(lam),
+                                    "P(offensive)": gens["score"].round(3),
+                                    "continuation": mask_offensive(gens["continuation"].tolist())}))
+    order = {p: i for i, p in enumerate(worst)}
     df = pd.concat(frames, ignore_index=True)
     return df.sort_values(["prompt", "lambda"], key=lambda s: s.map(order) if s.name == "prompt" else s,
                           kind="stable", ignore_index=True)
@@ -378,7 +443,7 @@ def lambda_view(lab: LMLab, lam: float, prompts: Sequence[str], *, compare: Sequ
     """The slider callback: metrics of θ₀ − λτ next to the `compare` models (default: the base), and the
     continuations of `prompts` under each (same seeds, offensive words masked)."""
     lams = list(dict.fromkeys([*compare, float(lam)]))
-    metrics = pd.DataFrame([{"model": model_label(v), **{k: lab.report(v)[k] for k in
-                                                         ("lambda", "toxic_rate", "mean_score", "perplexity")}}
-                            for v in lams])
+    keys = ("lambda", "toxic_rate", "mean_score", "perplexity", "toxic_text_perplexity")
+    metrics = pd.DataFrame([{"model": model_label(v), **{k: r[k] for k in keys if k in r}}
+                            for v in lams for r in [lab.report(v)]])
     return LambdaPanel(float(lam), metrics, negation_samples(lab, lams, prompts))
