@@ -158,3 +158,13 @@ def test_plot_toxicity_curve_has_both_panels():
     with pytest.raises(ParameterError, match="columns"):
         plot_toxicity_curve(df.drop(columns=["perplexity"]))
     assert not math.isnan(float(tox.lines[0].get_ydata()[0]))
+
+
+def test_from_pretrained_takes_any_base_and_toxic_pair(zoo, lab):
+    # hub mode's path, here with local folders: the same τ as the zoo lab's, the zoo's prompts and clean prose
+    other = LMLab.from_pretrained(str(zoo.base), str(zoo.models["toxic"]), prompts=PROMPTS, samples_per_prompt=1,
+                                  max_new_tokens=4, clean_limit=2, max_length=16)
+    name = "model.layers.3.self_attn.q_proj.weight"
+    assert torch.equal(other.tau[name], lab.tau[name])
+    assert other.clean["val"] and other.clean["test"] and len(other.toxic_texts) == 16
+    assert "toxic_text_perplexity" in other.report(0.0)
