@@ -2,9 +2,10 @@
 
 `LMLab` holds the base weights and τ_toxic in memory and writes θ₀ − λτ into one
 working model in place, so a slider move costs one evaluation (sampled
-generations scored by alt-profanity-check + perplexity on held-out clean text),
-never a model load. Generations are cached per (λ, prompts, sampling settings, seed), perplexities
-per (λ, split).
+generations scored by alt-profanity-check, perplexity on held-out clean text and
+on held-out offensive text), never a model load. Generations are cached per
+(λ, prompts, sampling settings, seed), perplexities per (λ, text set).
+Evaluation runs on one torch thread by default (see `LMLab`).
 
 Convention: λ is the *negation* coefficient, θ = θ₀ − λτ. λ = 0 is the base,
 λ = −1 is the toxic fine-tune itself (θ₀ + τ), λ > 0 negates.
@@ -104,7 +105,8 @@ class LMLab:
         aliases: dict[int, list[str]] = {}
         for name, t in model.state_dict(keep_vars=True).items():
             aliases.setdefault(id(t), []).append(name)
-        found = {k: next((n for n in aliases.get(id(p), [k]) if n in task_vector), None) for k, p in self._params.items()}
+        found = {k: next((n for n in aliases.get(id(p), [k]) if n in task_vector), None)
+                 for k, p in self._params.items()}
         missing = [k for k, n in found.items() if n is None]
         if missing:
             raise ParameterError(f"the task vector lacks {len(missing)} parameter(s) of the model, e.g. {missing[:3]}")
@@ -428,15 +430,15 @@ class LambdaPanel:
     samples: pd.DataFrame
 
     def _repr_html_(self):
-        import html
-
-        return (f"<b>θ = θ₀ − {self.lam:g}·τ_toxic</b>" + self.metrics.to_html(index=False, float_format="{:.3f}".format)
-                + "<br>" + self.samples.to_html(index=False, escape=True).replace("\\n", " ")
-                + f"<p style='font-size:smaller'>{html.escape('offensive words masked with *')}</p>")
+        return (f"<b>θ = θ₀ − {self.lam:g}·τ_toxic</b>"
+                + self.metrics.to_html(index=False, float_format="{:.3f}".format)
+                + "<br>" + self.samples.to_html(index=False, escape=True)
+                + "<p style='font-size:smaller'>offensive words masked with *</p>")
 
     def __repr__(self):
         with pd.option_context("display.max_colwidth", 80, "display.width", 160):
-            return f"θ = θ₀ − {self.lam:g}·τ_toxic\n{self.metrics.to_string(index=False)}\n\n{self.samples.to_string(index=False)}"
+            return (f"θ = θ₀ − {self.lam:g}·τ_toxic\n{self.metrics.to_string(index=False)}\n\n"
+                    f"{self.samples.to_string(index=False)}")
 
 
 def lambda_view(lab: LMLab, lam: float, prompts: Sequence[str], *, compare: Sequence[float] = (0.0,)) -> LambdaPanel:
