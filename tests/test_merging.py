@@ -263,6 +263,8 @@ def test_fused_kernels_match_the_torch_kernels_bit_for_bit():
         ("dare_ties", dict(p=[0.3, 0.7], weight=[0.7, 0.4], seed=5)),
         ("dare_ties", dict(density=0.4, semantics="mergekit", rescale=False)),
         ("dare_linear", dict(p=0.5, weight=[1.0, 0.5])),
+        ("linear", dict(weight=[0.7, 0.4])),
+        ("linear", dict(weight=[1.0, -2.0], normalize=False)),
     ]
     for method, params in cases:
         m = get_method(method)

@@ -63,5 +63,7 @@ def linear_average(
         raise ParameterError(f"weight: weights {w} sum to 0, cannot normalize (pass normalize=False)")
     out = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
     for wi, t in zip(w, tensors):
-        out.add_(t.to(torch.float32), alpha=wi / total if normalize else wi)
+        # multiply, then add (two roundings; add_(alpha=) fuses them on some lanes only): the fused kernel
+        # computes exactly this, so both paths give the same bits
+        out.add_(t.to(torch.float32) * (wi / total if normalize else wi))
     return out

@@ -23,9 +23,16 @@ the eager torch kernels run. Compiled kernels are cached on disk by numba.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
+
+# numba's OpenMP pool is a second runtime beside torch's (already initialised by now); left at the default
+# policy its threads spin after every kernel and take the cores from torch's evaluations that follow a merge
+# in the same process (measured: later forward passes several times slower on 2 cores). Sleeping instead
+# costs a futex wake per kernel launch. An explicit OMP_WAIT_POLICY from the user wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:  # optional accelerator
     import numba
@@ -263,6 +270,23 @@ if AVAILABLE:
     _COMBINE = {(o, d): _make_combine_kernels(o, d) for o in (True, False) for d in (True, False)}
 
 
+if AVAILABLE:
+    @njit(parallel=True, cache=True)
+    def _weighted_sum(models, shift, coefs, out, out_bf16, nblk):
+        """out = sum_j coefs[j] * models[j], accumulated in float32 in model order (as linear_average)."""
+        n_el = out.shape[0]
+        n_mod = len(models)
+        step = (n_el + nblk - 1) // nblk
+        for blk in prange(nblk):
+            lo = blk * step
+            hi = min(n_el, lo + step)
+            for i in range(lo, hi):
+                acc = np.float32(0.0)
+                for j in range(n_mod):
+                    acc += coefs[j] * _load(models[j], i, shift)
+                _store(out, i, acc, out_bf16)
+
+
 def _as_bits(t: torch.Tensor, bf16: bool) -> np.ndarray:
     """The raw bit patterns of a tensor: uint16 (bf16) or uint32 (float32, converted if needed)."""
     flat = t.detach().reshape(-1)
@@ -414,6 +438,28 @@ def fused_task_arithmetic(
         kernel(*common, np.float32(lam), count_vote, normalize, out, nblk)
     return result if out_dtype != torch.float16 else result.to(torch.float16)
 
+
+
+def fused_linear(tensors: list[torch.Tensor], weights: list[float], *, normalize: bool,
+                 out_dtype: torch.dtype) -> torch.Tensor | None:
+    """Weighted average (linear merge) straight from the stored bits in one pass; None when not
+    applicable (numba missing, non-CPU or small tensors, a zero weight sum): the torch path runs."""
+    if not AVAILABLE or not tensors or any(t.device.type != "cpu" for t in tensors):
+        return None
+    if tensors[0].numel() < FUSED_MIN or out_dtype not in (torch.bfloat16, torch.float32, torch.float16):
+        return None
+    total = sum(float(w) for w in weights)
+    if normalize and abs(total) < 1e-12:
+        return None  # the torch path raises the explanatory error
+    bf16 = all(t.dtype == torch.bfloat16 for t in tensors)
+    ms = tuple(_as_bits(t, bf16) for t in tensors)
+    coefs = np.asarray([float(w) / total if normalize else float(w) for w in weights], np.float32)
+    nblk = max(1, min(4 * numba.get_num_threads(), ms[0].shape[0] // 65536))
+    out_bf16 = out_dtype == torch.bfloat16
+    result = torch.empty(tensors[0].shape, dtype=torch.bfloat16 if out_bf16 else torch.float32)
+    out = result.reshape(-1).view(torch.int16 if out_bf16 else torch.int32).numpy()
+    _weighted_sum(ms, np.uint32(16 if bf16 else 0), coefs, out.view(np.uint16 if out_bf16 else np.uint32), out_bf16, nblk)
+    return result if out_dtype != torch.float16 else result.to(torch.float16)
 
 def warm_pages(t: torch.Tensor) -> None:
     """Touch one element per 4 KiB page so a memory-mapped tensor is read in this (loader) thread."""

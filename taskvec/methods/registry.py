@@ -279,7 +279,7 @@ class MergeMethod:
         """Merge raw (stored-dtype) tensors straight to `out_dtype`: the fused kernel when it
         applies, else the float32 kernel. Shapes must already agree (merge() checks them)."""
         p = self.resolve(checked, name, len(tensors))
-        if self.fused is not None and base is not None:
+        if self.fused is not None and (base is not None or not self.needs_base):
             out = self.fused(base, list(tensors), name, p, out_dtype)
             if out is not None:
                 return out
@@ -353,6 +353,12 @@ def _gta_kernel(sparsifier: str | None, consensus: bool, normalize_default: dict
 
 def _linear(base, tensors, name, p):
     return linear_average(tensors, p["weight"], normalize=p["normalize"])
+
+
+def _linear_fused(base, tensors, name, p, out_dtype):
+    from . import fused as fz  # imports numba: only when a merge runs
+
+    return fz.fused_linear(list(tensors), p["weight"], normalize=p["normalize"], out_dtype=out_dtype)
 
 
 def _slerp(base, tensors, name, p):
@@ -482,7 +488,7 @@ _METHOD_LIST = [
     MergeMethod(
         "linear", "weighted average sum_i w_i theta_i / sum_i w_i", _linear,
         (_weight(), _normalize(True, "divide by the sum of the weights")),
-        needs_base=False, reference="https://arxiv.org/abs/2203.05482",
+        needs_base=False, reference="https://arxiv.org/abs/2203.05482", fused=_linear_fused,
     ),
     _gta("task_arithmetic", "theta_0 + lambda sum_i w_i tau_i", None, False,
          {"paper": False, "mergekit": False}, (), "https://arxiv.org/abs/2212.04089"),
