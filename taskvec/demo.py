@@ -159,13 +159,22 @@ class _Report:
         return "\n".join(out) + "\n"
 
 
+def replace_dir(new: Path, out: Path) -> None:
+    """Put folder `new` at `out` (same filesystem): the old `out`, if any, is swapped aside and then deleted,
+    so `out` is at every moment either the complete old folder or the complete new one."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.taskvec-old-{os.getpid()}-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, out)
+
+
 def run_zoo_demo(out: Path, *, fast: bool = True, cache=None, grid: dict | None = None) -> dict:
     """Build/reuse the zoo, run the five headline experiments, write everything into `out` (atomically).
 
     `grid` overrides the mode's λ / drop-rate grids and evaluation size (keys of `GRIDS`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import pandas as pd
 
     import taskvec.zoo
@@ -286,9 +295,7 @@ def run_zoo_demo(out: Path, *, fast: bool = True, cache=None, grid: dict | None 
                     "sliders, the toxicity language model, every merging method).")
         (tmp / "report.md").write_text(report.markdown(), encoding="utf-8")
         (tmp / "report.html").write_text(report.html(), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

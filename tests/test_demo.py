@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from taskvec.demo import main, run_zoo_demo
+from taskvec.demo import main, replace_dir, run_zoo_demo
 
 
 def test_minimal_demo_prints_negation_and_finetuned_rows(capsys):
@@ -31,3 +31,12 @@ def test_zoo_demo_writes_figures_csvs_and_report(tmp_path):
     assert results["negation"]["target_drop_points"] > results["negation"]["control_drop_points"]
     assert set(results["merging"]) == {"averaging", "task arithmetic", "TIES (k=0.2)"}
     assert 0 <= results["cosine_mean_abs_offdiag"] < 0.5
+
+
+def test_report_folder_is_replaced_whole(tmp_path):
+    out, new = tmp_path / "demo", tmp_path / ".new"
+    out.mkdir(); (out / "stale.txt").write_text("old")
+    new.mkdir(); (new / "report.md").write_text("new")
+    replace_dir(new, out)
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]   # no temp or old folder left
