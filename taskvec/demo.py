@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import os
 import shutil
 import tempfile
 import time
@@ -159,18 +158,6 @@ class _Report:
         return "\n".join(out) + "\n"
 
 
-def replace_dir(new: Path, out: Path) -> None:
-    """Put folder `new` at `out` (same filesystem): the old `out`, if any, is swapped aside and then deleted,
-    so `out` is at every moment either the complete old folder or the complete new one."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.taskvec-old-{os.getpid()}-", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(new, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, out)
-
-
 def run_zoo_demo(out: Path, *, fast: bool = True, cache=None, grid: dict | None = None) -> dict:
     """Build/reuse the zoo, run the five headline experiments, write everything into `out` (atomically).
 
@@ -179,7 +166,7 @@ def run_zoo_demo(out: Path, *, fast: bool = True, cache=None, grid: dict | None 
 
     import taskvec.zoo
     from taskvec.analysis import cosine_matrix, dare_sweep
-    from taskvec.io.writer import check_output_path
+    from taskvec.io.writer import check_output_path, replace_dir, staging_dir
     from taskvec.viz import save_figure, set_style
     from taskvec.widgets import ZooLab, views
 
@@ -205,9 +192,8 @@ def run_zoo_demo(out: Path, *, fast: bool = True, cache=None, grid: dict | None 
         f"vectors act on the encoder only. λ is chosen on the validation split, numbers are on the test split"
         + (f" ({grid['limit']} examples per task and split)." if grid["limit"] else ".")
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
     # Written beside `out` and renamed into place at the end: an interrupted demo leaves the old report intact.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.taskvec-tmp-{os.getpid()}-", dir=out.parent))
+    tmp = staging_dir(out)
     results: dict = {}
     try:
         fin = pd.DataFrame({"task": tasks, "base": [lab.base_accuracy()[t] for t in tasks],

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from taskvec.demo import main, replace_dir, run_zoo_demo
+from taskvec.demo import main, run_zoo_demo
 
 
 def test_minimal_demo_prints_negation_and_finetuned_rows(capsys):
@@ -34,9 +34,22 @@ def test_zoo_demo_writes_figures_csvs_and_report(tmp_path):
 
 
 def test_report_folder_is_replaced_whole(tmp_path):
+    from taskvec.io.writer import replace_dir
+
     out, new = tmp_path / "demo", tmp_path / ".new"
     out.mkdir(); (out / "stale.txt").write_text("old")
     new.mkdir(); (new / "report.md").write_text("new")
     replace_dir(new, out)
     assert sorted(p.name for p in out.iterdir()) == ["report.md"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]   # no temp or old folder left
+
+
+def test_failed_swap_puts_the_old_folder_back(tmp_path):
+    from taskvec.io.writer import replace_dir
+
+    out = tmp_path / "demo"
+    out.mkdir(); (out / "report.md").write_text("old")
+    with pytest.raises(OSError):
+        replace_dir(tmp_path / ".missing", out)      # the new folder can't be renamed in
+    assert (out / "report.md").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -41,6 +39,7 @@ def _label(path: str) -> str:
 def run(args: argparse.Namespace) -> Path:
     from taskvec.analysis import conflict_vs_density, cosine_matrix, profile, sign_conflicts
     from taskvec.io import check_output_path, open_source
+    from taskvec.io.writer import replace_dir, staging_dir
     from taskvec.vector import TaskVector
     from taskvec.viz import save_figure
 
@@ -55,11 +54,8 @@ def run(args: argparse.Namespace) -> Path:
     # One base Source shared by every vector: each base tensor is read once per pass.
     tvs = {n: TaskVector.from_models(base, ft) for n, ft in zip(names, finetuned)}
 
-    tmp = out.parent / f".{out.name}.analyze-tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.analyze-old-{os.getpid()}"
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
+        tmp = staging_dir(out)
     except OSError as e:
         raise OutputError(f"{out}: can't create the output folder: {e}") from e
     try:
@@ -95,16 +91,10 @@ def run(args: argparse.Namespace) -> Path:
                 fig.suptitle(caption, fontsize=9, color="0.35", x=0.01, ha="left")
                 save_figure(fig, name, tmp)
         (tmp / "summary.txt").write_text("\n".join(summary) + "\n")
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
+        replace_dir(tmp, out)  # the previous results stay in place until the new ones are complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            old.rename(out)  # put the previous results back
         raise
-    with contextlib.suppress(OSError):
-        shutil.rmtree(old)
     print("\n".join(summary))
     print(f"wrote {out}")
     return out

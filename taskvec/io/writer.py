@@ -76,6 +76,30 @@ def _remove_stale_temps(out: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def staging_dir(out: Path) -> Path:
+    """A fresh hidden folder beside `out` (same filesystem, so it can be renamed onto `out`); scratch folders
+    that killed runs left for the same `out` are removed first."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.taskvec-tmp-{os.getpid()}-", dir=out.parent))
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Rename folder `new` onto `out`. An existing `out` is swapped aside first and deleted afterwards (put
+    back if the second rename fails), so `out` is always either the complete old or the complete new folder."""
+    if not out.exists():
+        os.rename(new, out)
+        return
+    old = out.with_name(f".{out.name}.taskvec-old-{os.getpid()}")
+    os.rename(out, old)
+    try:
+        os.rename(new, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -116,9 +140,7 @@ class ShardedWriter:
             size += nbytes
         n = len(shards)
         self._names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(self.out)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.taskvec-tmp-{os.getpid()}-", dir=self.out.parent))
+        self.tmp = staging_dir(self.out)
         self._files: list[SafetensorsFileWriter] = []
         self._shard_of: dict[str, SafetensorsFileWriter] = {}
         self.total_size = 0
@@ -173,13 +195,7 @@ class ShardedWriter:
                 weight_map = {name: self._names[self._files.index(w)] for name, w in self._shard_of.items()}
                 self.write_json("model.safetensors.index.json",
                                 {"metadata": {"total_size": self.total_size}, "weight_map": weight_map})
-            if self.out.exists():  # overwrite=True: swap, then drop the old folder
-                old = self.out.with_name(f".{self.out.name}.taskvec-old-{os.getpid()}")
-                os.rename(self.out, old)
-                os.rename(self.tmp, self.out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(self.tmp, self.out)
+            replace_dir(self.tmp, self.out)  # overwrite=True swaps the old folder out
         except BaseException as e:
             self.abort()
             raise self._os_error(e) if isinstance(e, OSError) else e
