@@ -446,7 +446,6 @@ def dare_curve(lab, tasks: Sequence[str] | None = None, ps: Sequence[float] = DA
     Tidy rows: task, drop_rate, rescale, accuracy, normalized (acc / fine-tuned acc), base_accuracy,
     finetuned_accuracy and dare_sweep's weight statistics (cosine_to_tau, norm_ratio, frac_kept)."""
     from taskvec.analysis import dare_sweep
-    from taskvec.widgets.views import accuracy_fn
 
     tasks = list(tasks or lab.tasks)
     rescale = [bool(r) for r in rescale]
@@ -461,7 +460,7 @@ def dare_curve(lab, tasks: Sequence[str] | None = None, ps: Sequence[float] = DA
         for i, r in enumerate(rescale):
             # p = 0 is the fine-tuned model whatever the rescale: evaluate it once, copy the row
             grid = list(ps) if i == 0 else [p for p in ps if p != 0] or list(ps)
-            sweep = dare_sweep(tau, ps=grid, rescale=(r,), eval_fn=accuracy_fn(lab, [t]),
+            sweep = dare_sweep(tau, ps=grid, rescale=(r,), eval_fn=views.accuracy_fn(lab, [t]),
                                base=lab.base, seed=seed, eval_base=False, name=t)
             d = sweep.data.assign(rescale=r)
             if i > 0 and len(grid) < len(ps):
