@@ -5,11 +5,15 @@ that pip packages ship -- then runs, on those real task vectors:
 
 1. negation (EMTA Table 1): θ₀ − λτ forgets the task and keeps the control task;
 2. addition (EMTA Fig. 3): θ₀ + λΣτᵢ over 1..n tasks, normalised accuracy;
-3. TIES vs task arithmetic vs averaging (TIES Table 1), λ chosen on validation;
+3. TIES vs task arithmetic vs averaging vs the multi-task model (TIES Table 1), (k, λ) chosen on
+   validation, with paired-bootstrap intervals of the differences, and out-of-distribution accuracy;
 4. the DARE drop-rate sweep with and without rescale (DARE Fig. 1);
 5. cosine similarity between the task vectors (EMTA Fig. 5);
 
-and writes PNG+SVG figures, CSVs and a report (report.md, report.html) to --out.
+and writes PNG+SVG figures, CSVs and a report (report.md, report.html) to --out: by default
+figures/demo in full mode (the published results) and figures/fast/demo in fast mode (not tracked), so
+the README's command leaves `git status` clean. The report holds results only, no wall time, so the same
+inputs give the same bytes.
 ``--minimal`` runs the 10-second version without the zoo (a digits MLP).
 """
 from __future__ import annotations
@@ -23,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_OUT = Path("figures") / "demo"
+DEFAULT_OUT = Path("figures") / "demo"            # full mode: the published results
+DEFAULT_FAST_OUT = Path("figures") / "fast" / "demo"   # fast mode: not tracked
 
 
 # ------------------------------------------------------------------ minimal demo (no zoo)
@@ -90,9 +95,13 @@ def run_minimal(workdir: Path) -> list[tuple[float, float]]:
 
 #: Grids per mode: (negation λ, addition λ, DARE drop rates, examples per task and split).
 GRIDS = {
-    "fast": dict(negation=(1.0, 2.0, 3.0), addition=(0.3, 0.5, 0.8), drop=(0.0, 0.5, 0.9, 0.99), limit=128),
-    "full": dict(negation=(0.5, 1.0, 1.5, 2.0, 2.5, 3.0), addition=(0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0),
-                 drop=(0.0, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99), limit=None),
+    "fast": dict(negation=(0.5, 1.0, 1.5, 2.0), addition=(0.2, 0.3, 0.4, 0.5, 0.7), sizes=(1, 2, 4, 8),
+                 ties_lambdas=(0.8, 1.0, 1.3, 1.6, 2.0, 2.5), densities=(0.1, 0.2, 0.3),
+                 drop=(0.0, 0.5, 0.9, 0.99), limit=200, val_limit=100),
+    "full": dict(negation=tuple(round(0.25 * i, 2) for i in range(1, 13)),
+                 addition=tuple(round(0.05 * i, 2) for i in range(1, 21)), sizes=None,
+                 ties_lambdas=tuple(round(0.8 + 0.1 * i, 1) for i in range(18)), densities=(0.1, 0.2, 0.3),
+                 drop=(0.0, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99), limit=None, val_limit=None),
 }
 
 
@@ -168,7 +177,7 @@ def run_zoo_demo(out: Path, *, fast: bool = True, cache=None, grid: dict | None 
     from taskvec.analysis import cosine_matrix, dare_sweep
     from taskvec.io.writer import check_output_path, replace_dir, staging_dir
     from taskvec.viz import save_figure, set_style
-    from taskvec.widgets import ZooLab, views
+    from taskvec.widgets import ZooLab, sweeps, views
 
     out = check_output_path(out, overwrite=True)
     grid = {**GRIDS["fast" if fast else "full"], **(grid or {})}
@@ -183,66 +192,106 @@ def run_zoo_demo(out: Path, *, fast: bool = True, cache=None, grid: dict | None 
 
     print(f"[1/6] zoo: building or reusing minilm-tasks ({'fast' if fast else 'full'} mode) ...", flush=True)
     zoo = taskvec.zoo.build("minilm-tasks", fast=fast, cache=cache)
-    lab = ZooLab(zoo, limit=grid["limit"])
+    lab = ZooLab(zoo, limit=grid["limit"], val_limit=grid.get("val_limit"))
     tasks, control = lab.tasks, lab.control
-    report = _Report("taskvec demo: task vectors of MiniLM-L6 fine-tuned on four text tasks")
+    report = _Report(f"taskvec demo: task vectors of MiniLM-L6 fine-tuned on {len(tasks)} text tasks")
     report.text(
         f"Zoo `{zoo.name}` ({zoo.mode} mode): base `{zoo.manifest['base']['source']}`, tasks {', '.join(tasks)}; "
-        f"control task {', '.join(control)} (never fine-tuned). Each task keeps its own frozen head, so the task "
-        f"vectors act on the encoder only. λ is chosen on the validation split, numbers are on the test split"
-        + (f" ({grid['limit']} examples per task and split)." if grid["limit"] else ".")
+        f"control task {', '.join(control)} and held-out tasks {', '.join(lab.heldout) or '(none)'} (never "
+        f"fine-tuned). Each task keeps its own frozen zero-shot head (the normalised embeddings of one prompt per "
+        f"label, EMTA's CLIP head transposed to text), so the task vectors act on the encoder only. λ (and TIES' "
+        f"k) are chosen on the validation split, numbers are on the test split"
+        + (f" ({grid['limit']} examples per task)" if grid["limit"] else "")
+        + ". Brackets are 95 % intervals: Wilson for one accuracy, a stratified bootstrap for a mean over tasks, "
+          "a paired bootstrap for a difference between two models on the same examples."
     )
     # Written beside `out` and renamed into place at the end: an interrupted demo leaves the old report intact.
     tmp = staging_dir(out)
     results: dict = {}
+
+    def iv(i) -> str:
+        return f"{i.estimate:.3f} [{i.low:.3f}, {i.high:.3f}]"
+
     try:
-        fin = pd.DataFrame({"task": tasks, "base": [lab.base_accuracy()[t] for t in tasks],
-                            "fine-tuned": [lab.finetuned_accuracy()[t] for t in tasks]})
-        report.text("## The zoo\n\nTest accuracy of the base encoder (each task's frozen head) and of each fine-tune.")
+        fin = views.zoo_table(lab)
+        headroom = views.base_headroom(lab)
+        results["zoo"] = {"base_normalized": headroom["base"].estimate, "finetuned_gain": headroom["gain"].estimate}
+        report.text("## The zoo\n\nTest accuracy of the zero-shot base encoder, of each task's fine-tune and of the "
+                    "multi-task model (trained jointly on all tasks), with Wilson 95 % intervals. Base normalised "
+                    f"accuracy: **{iv(headroom['base'])}** (fine-tuned = 1).")
         report.table(fin)
         fin.to_csv(tmp / "zoo_accuracy.csv", index=False)
 
         step("[2/6] negation: θ₀ − λτ per task, λ on validation ...")
         neg = views.negation_table(lab, grid["negation"])
         neg.to_csv(tmp / "negation.csv", index=False)
-        save_figure(views.negation_view(lab, tasks[0], float(neg["lambda"].iloc[0]) or 1.0), "demo-negation", tmp)
-        drop = float((neg["target_base"] - neg["target_negated"]).mean() * 100)
-        ctrl = float((neg["control_base"] - neg["control_negated"]).mean() * 100)
-        results["negation"] = {"target_drop_points": drop, "control_drop_points": ctrl}
+        summary = views.negation_summary(neg)
+        lam0 = float(neg["lambda"].iloc[1]) or 1.0
+        save_figure(views.negation_view(lab, tasks[1], lam0), "demo-negation", tmp)
+        drop, ctrl = summary["target_drop"], summary["control_drop"]
+        results["negation"] = {"target_drop_points": 100 * drop.estimate, "control_drop_points": 100 * ctrl.estimate,
+                               "target_drop_interval": [100 * drop.low, 100 * drop.high],
+                               "control_drop_interval": [100 * ctrl.low, 100 * ctrl.high]}
         report.text("## 1. Negation (EMTA Table 1)\n\n"
-                    f"θ₀ − λτ lowers target accuracy by **{drop:.1f} points** on average while the control task moves "
-                    f"by {ctrl:.1f} points (EMTA, CLIP ViT-L/14: −45.8 points on the targets, control ≈ unchanged).")
-        report.table(neg)
-        report.figure("demo-negation", f"Accuracy on every task after negating τ_{tasks[0]}")
+                    "λ: the largest on the grid whose control accuracy on validation stays ≥ 95 % of the base's. "
+                    f"θ₀ − λτ lowers target accuracy by **{100 * drop.estimate:.1f} points** "
+                    f"[{100 * drop.low:.1f}, {100 * drop.high:.1f}] on average while the control task moves by "
+                    f"{100 * ctrl.estimate:.1f} points [{100 * ctrl.low:.1f}, {100 * ctrl.high:.1f}] "
+                    "(EMTA, CLIP ViT-L/14: −45.8 points on the targets, control 75.5 → 72.9, −2.6).")
+        report.table(neg[["task", "lambda", "target_base", "target_negated", "target_drop", "target_drop_low",
+                          "target_drop_high", "control_base", "control_negated", "control_drop"]])
+        report.figure("demo-negation", f"Accuracy on every task after negating τ_{tasks[1]}")
 
         step("[3/6] addition: θ₀ + λΣτᵢ over 1..n tasks ...")
-        add = views.addition_curve(lab, grid["addition"])
+        add = views.addition_curve(lab, grid["addition"], sizes=grid.get("sizes"))
         add.to_csv(tmp / "addition.csv", index=False)
         save_figure(views.plot_addition_curve(add), "demo-addition", tmp)
-        results["addition"] = {"normalized_all_tasks": float(add["normalized_accuracy"].iloc[-1]),
-                               "base_normalized": float(add["base_normalized"].iloc[-1])}
+        last_row = add.iloc[-1]
+        results["addition"] = {"normalized_all_tasks": float(last_row["normalized_accuracy"]),
+                               "base_normalized": float(last_row["base_normalized"])}
         report.text("## 2. Addition (EMTA Fig. 3)\n\n"
-                    f"Adding all {len(tasks)} task vectors gives one model at **{add['normalized_accuracy'].iloc[-1]:.1%}** "
-                    f"normalised accuracy (base: {add['base_normalized'].iloc[-1]:.1%}; EMTA: 91.2 % for 8 tasks, ViT-L/14).")
+                    f"Adding all {len(tasks)} task vectors gives one model at **{last_row['normalized_accuracy']:.1%}** "
+                    f"[{last_row['low']:.1%}, {last_row['high']:.1%}] normalised accuracy (zero-shot base: "
+                    f"{last_row['base_normalized']:.1%}; EMTA: 91.2 % for 8 tasks, ViT-L/14).")
         report.table(add)
         report.figure("demo-addition", "Normalised accuracy vs number of task vectors added")
 
-        step("[4/6] merging: averaging vs task arithmetic vs TIES ...")
-        methods = {
-            "averaging": lab.merge("linear"),
-            "task arithmetic": lambda lam: lab.apply({t: lam for t in tasks}),
-            "TIES (k=0.2)": lambda lam: lab.merge("ties", density=0.2, **{"lambda": lam}),
-        }
-        ties_lambdas = tuple(sorted(set(grid["addition"]) | {1.0}))
-        cmp = views.compare_methods(lab, methods, ties_lambdas)
-        cmp.to_csv(tmp / "merging_methods.csv", index=False)
-        save_figure(views.plot_method_comparison(cmp, "Averaging vs task arithmetic vs TIES on the zoo"), "demo-merging", tmp)
+        step("[4/6] merging: averaging vs task arithmetic vs TIES vs multi-task ...")
+        cmp = sweeps.ties_vs_baselines(lab, 0.2, grid["ties_lambdas"], grid["addition"], densities=grid["densities"])
+        shown = sweeps.with_references(lab, cmp)
+        diffs = sweeps.method_differences(lab, shown, [("TIES", "task arithmetic"), ("task arithmetic", "averaging"),
+                                                       ("TIES", "averaging")]
+                                          + ([("multi-task (trained jointly)", "TIES")] if lab.has_multitask else []))
+        shown.to_csv(tmp / "merging_methods.csv", index=False)
+        diffs.to_csv(tmp / "merging_differences.csv", index=False)
+        save_figure(views.plot_method_comparison(shown.iloc[:-1], "Merging methods vs the multi-task model"),
+                    "demo-merging", tmp)
         results["merging"] = dict(zip(cmp["method"], map(float, cmp["normalized_accuracy"])))
+        results["merging_differences"] = {f"{a} − {b}": [float(d), float(lo), float(hi)]
+                                          for a, b, d, lo, hi in diffs[["a", "b", "diff", "low", "high"]].itertuples(index=False)}
         report.text("## 3. TIES vs task arithmetic vs averaging (TIES Table 1)\n\n"
-                    "Mean normalised test accuracy over the tasks; TIES and task arithmetic pick λ on validation. "
-                    "The TIES paper finds TIES > task arithmetic > averaging on T5 and ViT models.")
-        report.table(cmp[["method", "lambda", "normalized_accuracy", "absolute_accuracy"]])
-        report.figure("demo-merging", "Merging methods: mean normalised accuracy")
+                    "Mean normalised test accuracy over the tasks; TIES' (k, λ) and task arithmetic's λ are chosen "
+                    "on validation. The TIES paper finds TIES > task arithmetic > averaging on T5 and ViT models; "
+                    "the second table gives paired-bootstrap intervals of the differences (\"within noise\" only "
+                    "when the interval contains 0).")
+        report.table(shown[["method", "lambda", "density", "normalized_accuracy", "low", "high", "absolute_accuracy"]])
+        report.table(diffs)
+        report.figure("demo-merging", "Merging methods: mean normalised accuracy with 95 % intervals")
+
+        best = cmp.set_index("method")
+        models = {"averaging": lab.merge("linear"),
+                  "task arithmetic": lab.apply({t: float(best.loc["task arithmetic", "lambda"]) for t in tasks}),
+                  "TIES": lab.merge("ties", density=float(best.loc["TIES", "density"]),
+                                    lam=float(best.loc["TIES", "lambda"]))}
+        if lab.has_multitask:
+            models["multi-task (trained jointly)"] = lab.multitask()
+        ood = views.generalization_table(lab, models)
+        ood.to_csv(tmp / "out_of_distribution.csv", index=False)
+        report.text("### Out of distribution\n\nMean accuracy on the tasks that were never fine-tuned nor merged "
+                    "(held-out, zero-shot heads) and on the shifted test set of a merged task (language ID "
+                    "fine-tuned on words, tested on emoji names: phrases), each against the base.")
+        report.table(ood[[c for c in ("model", "kind", "tasks", "mean", "low", "high", "diff_vs_base", "diff_low",
+                                      "diff_high", "verdict") if c in ood]])
 
         step("[5/6] DARE: drop rate sweep with and without rescale ...")
         task = tasks[0]
@@ -277,8 +326,9 @@ def run_zoo_demo(out: Path, *, fast: bool = True, cache=None, grid: dict | None 
 
         step("done")
         elapsed = time.perf_counter() - started
-        report.text(f"Made by `taskvec demo` in {elapsed:.0f} s. The notebooks in `notebooks/` go further (ablations, "
-                    "sliders, the toxicity language model, every merging method).")
+        # no wall time in the report: the same inputs give the same report (a rerun leaves git status clean)
+        report.text("Made by `taskvec demo`. The notebooks in `notebooks/` go further (ablations, sliders, the "
+                    "toxicity language model, every merging method).")
         (tmp / "report.md").write_text(report.markdown(), encoding="utf-8")
         (tmp / "report.html").write_text(report.html(), encoding="utf-8")
         replace_dir(tmp, out)
@@ -289,9 +339,15 @@ def run_zoo_demo(out: Path, *, fast: bool = True, cache=None, grid: dict | None 
     return results
 
 
+def _pts(interval) -> str:
+    return f"[{interval[0]:.1f}, {interval[1]:.1f}]"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="taskvec demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"folder for figures and report (default: {DEFAULT_OUT}; replaced)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"folder for figures and report, replaced (default: {DEFAULT_FAST_OUT} in fast mode, "
+                         f"{DEFAULT_OUT} with --full)")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--fast", dest="fast", action="store_true", default=None, help="fast zoo and small grids (default)")
     mode.add_argument("--full", dest="fast", action="store_false", help="the full zoo and grids (longer)")
@@ -308,13 +364,18 @@ def main(argv: list[str] | None = None) -> int:
                 run_minimal(Path(d))
         return 0
     fast = True if args.fast is None else args.fast
+    if args.out is None:
+        args.out = DEFAULT_FAST_OUT if fast else DEFAULT_OUT
     results = run_zoo_demo(args.out, fast=fast, cache=args.cache)
     neg, add, cmp = results["negation"], results["addition"], results["merging"]
     print()
     print("headline numbers (test split):")
-    print(f"  negation: target −{neg['target_drop_points']:.1f} points, control −{neg['control_drop_points']:.1f} points")
+    print(f"  negation: target −{neg['target_drop_points']:.1f} points {_pts(neg['target_drop_interval'])}, "
+          f"control −{neg['control_drop_points']:.1f} points {_pts(neg['control_drop_interval'])}")
     print(f"  addition of all tasks: {add['normalized_all_tasks']:.1%} normalised accuracy (base {add['base_normalized']:.1%})")
     print("  merging (normalised accuracy): " + ", ".join(f"{k} {v:.3f}" for k, v in cmp.items()))
+    for k, (d, lo, hi) in results["merging_differences"].items():
+        print(f"    {k}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
     print("  DARE: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in results["dare"].items()))
     print(f"  mean |cos| between task vectors: {results['cosine_mean_abs_offdiag']:.3f}")
     print(f"\nfigures and report: {args.out.resolve()}/report.md (and report.html), in {results['seconds']:.0f} s")

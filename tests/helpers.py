@@ -39,3 +39,36 @@ def perturbed(model, scale: float = 0.01, seed: int = 1):
 def save_model(model, path: Path, **kw) -> Path:
     model.save_pretrained(path, **kw)
     return path
+
+
+class OutcomeLab:
+    """Mixin for fake labs whose `accuracy` is a known function of the weights: per-example outcomes that
+    realise that accuracy (the first round(acc · N) of N examples correct), so code built on
+    `ZooLab.correct` / `reference_correct` (intervals, paired differences) runs on the fake."""
+
+    N_EXAMPLES = 2000
+    heldout: list = []
+    has_multitask = False
+
+    @property
+    def all_tasks(self):
+        return list(self.tasks) + list(self.control) + [t for t in self.heldout if t not in self.control]
+
+    def has_split(self, task, split):
+        return split in ("val", "test")
+
+    def correct(self, weights=None, *, split="test", tasks=None):
+        out = {}
+        for t, a in self.accuracy(weights, split=split, tasks=tasks).items():
+            c = torch.zeros(self.N_EXAMPLES, dtype=torch.bool)
+            c[:round(a * self.N_EXAMPLES)] = True
+            out[t] = c
+        return out
+
+    def reference_correct(self, which, split="test"):
+        if which == "base":
+            return self.correct(None, split=split, tasks=self.all_tasks)
+        out = {}
+        for t in self.tasks:
+            out.update(self.correct(self.finetuned(t), split=split, tasks=[t]))
+        return out

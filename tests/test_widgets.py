@@ -94,7 +94,9 @@ def test_toy_views_draw_a_titled_figure(view, kwargs):
 
 # ------------------------------------------------------------------ λ selection on a lab with known answers
 
-class FakeLab:
+from tests.helpers import OutcomeLab  # noqa: E402
+
+class FakeLab(OutcomeLab):
     """Accuracy is a known function of the coefficients: target falls 0.2 per unit of λ, the control
     falls 0.02 λ² (so only small λ keep it), addition helps up to λ = 0.5."""
 

@@ -21,7 +21,9 @@ from taskvec.widgets import sweeps  # noqa: E402
 from taskvec.widgets.sweeps import TIES_ABLATIONS, TiesVariant  # noqa: E402
 
 
-class FakeLab:
+from tests.helpers import OutcomeLab  # noqa: E402
+
+class FakeLab(OutcomeLab):
     """ZooLab's interface over small random weights. A task's "accuracy" of weights w is
     exp(−‖w − θ_task‖² / ‖τ_task‖²): 1 at the fine-tuned model, e^-1 at the base, smooth in between;
     the validation split scores the same distance with a slightly different scale."""
@@ -191,7 +193,9 @@ def test_evaluate_methods_picks_validation_argmax(lab):
     row = df.set_index("method").loc["ta"]
     assert row["lambda"] == best
     test = lab.accuracy(weights_for(best), split="test")
-    assert row["normalized_accuracy"] == pytest.approx(np.mean([test[t] for t in lab.tasks]))
+    # per-example outcomes realise each accuracy to 1 / (2 N): compare at that resolution
+    assert row["normalized_accuracy"] == pytest.approx(np.mean([test[t] for t in lab.tasks]), abs=1e-3)
+    assert row["low"] <= row["normalized_accuracy"] <= row["high"]
     assert pd.isna(df.set_index("method").loc["avg", "lambda"])
     assert df.set_index("method").loc["fixed", "lambda"] == 0.4
     assert {f"norm_{t}" for t in lab.tasks} <= set(df.columns)
@@ -225,7 +229,7 @@ def test_alignment_and_reference_rows(lab):
     ref = sweeps.reference_rows(lab).set_index("method")
     assert ref.loc["fine-tuned (one model per task)", "normalized_accuracy"] == pytest.approx(1.0)
     base = lab.base_accuracy()
-    assert ref.loc["base θ₀ (no merge)", "acc_task2"] == pytest.approx(base["task2"])
+    assert ref.loc["base θ₀ (no merge)", "acc_task2"] == pytest.approx(base["task2"], abs=1e-3)
 
 
 def test_ties_vs_baselines_has_three_methods(lab):
@@ -235,7 +239,7 @@ def test_ties_vs_baselines_has_three_methods(lab):
     # averaging = θ₀ + (1/n) Σ τ_i: the same model as task arithmetic at λ = 1/3
     ta = sweeps.scaled(lab, sweeps.delta_of(lab, lab.merge("task_arithmetic", lam=1.0)))(1 / 3)
     acc = lab.accuracy(ta, split="test")
-    assert df.loc[2, "absolute_accuracy"] == pytest.approx(np.mean(list(acc.values())), rel=1e-4)
+    assert df.loc[2, "absolute_accuracy"] == pytest.approx(np.mean(list(acc.values())), abs=1e-3)
     assert list(sweeps.ties_vs_baselines(lab, 0.5, (1.0,), (0.3,), include_ties=False)["method"]) == [
         "task arithmetic", "averaging"]
 
@@ -290,7 +294,7 @@ def test_dare_merges_rows(lab):
     # dare_linear at λ: θ₀ + λ Σ DARE(τ_i); rebuilding it by hand gives the same accuracy
     merged = lab.merge("dare_linear", p=0.5, lam=0.5, seed=0)
     acc = lab.accuracy(merged, split="test")
-    assert df.loc[1, "absolute_accuracy"] == pytest.approx(np.mean([acc[t] for t in lab.tasks]), rel=1e-5)
+    assert df.loc[1, "absolute_accuracy"] == pytest.approx(np.mean([acc[t] for t in lab.tasks]), abs=1e-3)
     # without their own search, the DARE merges take the λ their plain counterparts chose on validation
     reused = sweeps.dare_merges(lab, p=0.5, density=0.5, ties_lambdas=(0.5, 1.0, 2.0), ta_lambdas=(0.1, 0.3, 0.9),
                                 search_dare_lambda=False)

@@ -3,7 +3,8 @@
 EMTA keeps each task's classifier frozen (CLIP's zero-shot head) so the task
 vector lives in the encoder. The text analogue used here: sentence features are
 the attention-masked mean of the encoder's last hidden states (how MiniLM
-sentence embeddings are pooled); a task's head is a linear map on them.
+sentence embeddings are pooled); a task's head is the cosine between them and
+the embedding of one prompt per label (zero-shot), or a fitted linear probe.
 """
 from __future__ import annotations
 
@@ -19,32 +20,64 @@ from taskvec.errors import CheckpointError, KeyMismatchError, ParameterError, Sh
 
 
 class TaskHead(nn.Module):
-    """Linear head: logits = W features + b, with W [n_labels, dim]."""
+    """A task's frozen classifier on sentence features: logits = W f + b, with W [n_labels, dim].
 
-    def __init__(self, dim: int, n_labels: int, labels: Sequence[str] | None = None, name: str = "task"):
+    Two kinds:
+    - ``zero-shot`` (EMTA's CLIP head, transposed to text): W holds the L2-normalised sentence embeddings of
+      one prompt per label ("a French word", ...), the features are L2-normalised too, and
+      logits = scale · cos(f, prompt_label). Built from the base encoder alone: `TaskHead.zero_shot`.
+    - ``probe``: a linear map fitted on base features (logistic regression), features used as they are.
+    """
+
+    def __init__(self, dim: int, n_labels: int, labels: Sequence[str] | None = None, name: str = "task", *,
+                 normalize: bool = False, scale: float = 1.0, kind: str = "probe", prompts: Sequence[str] | None = None):
         super().__init__()
         self.linear = nn.Linear(dim, n_labels)
         self.labels = list(labels) if labels is not None else [str(i) for i in range(n_labels)]
         self.name = name
+        self.normalize = bool(normalize)  # cosine head: features on the unit sphere
+        self.scale = float(scale)         # logit scale s (CLIP's temperature)
+        self.kind = kind
+        self.prompts = list(prompts) if prompts is not None else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear(features)
+        if self.normalize:
+            features = nn.functional.normalize(features, dim=-1)
+        return self.scale * self.linear(features)
 
     @classmethod
-    def from_weights(cls, weight: torch.Tensor, bias: torch.Tensor, labels=None, name: str = "task") -> "TaskHead":
-        head = cls(weight.shape[1], weight.shape[0], labels, name)
+    def from_weights(cls, weight: torch.Tensor, bias: torch.Tensor, labels=None, name: str = "task",
+                     **kind) -> "TaskHead":
+        head = cls(weight.shape[1], weight.shape[0], labels, name, **kind)
         with torch.no_grad():
             head.linear.weight.copy_(weight)
             head.linear.bias.copy_(bias)
         return head
 
-    def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
+    @classmethod
+    def zero_shot(cls, encoder: nn.Module, tokenizer, prompts: Sequence[str], labels: Sequence[str] | None = None,
+                  name: str = "task", *, scale: float = 30.0, max_length: int = 48) -> "TaskHead":
+        """EMTA's zero-shot head: normalised embeddings of one prompt per label, logits = scale · cos."""
+        if labels is not None and len(prompts) != len(labels):
+            raise ParameterError(f"task {name!r}: {len(prompts)} prompts for {len(labels)} labels")
+        if scale <= 0:
+            raise ParameterError(f"scale must be > 0, got {scale}")
+        emb = nn.functional.normalize(encode(encoder, tokenizer, list(prompts), max_length=max_length,
+                                             desc=f"prompts {name}"), dim=-1)
+        return cls.from_weights(emb, torch.zeros(len(prompts)), labels, name, normalize=True, scale=scale,
+                                kind="zero-shot", prompts=prompts)
 
+    def save(self, path: str | Path) -> None:
         import json
 
+        from safetensors.torch import save_file
+
+        meta = {"labels": json.dumps(self.labels), "task": self.name, "kind": self.kind,
+                "normalize": json.dumps(self.normalize), "scale": repr(self.scale)}
+        if self.prompts is not None:
+            meta["prompts"] = json.dumps(self.prompts)
         save_file({"weight": self.linear.weight.detach().contiguous(), "bias": self.linear.bias.detach().contiguous()},
-                  str(path), metadata={"labels": json.dumps(self.labels), "task": self.name})
+                  str(path), metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "TaskHead":
@@ -58,10 +91,15 @@ class TaskHead(nn.Module):
                 weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
         except Exception as e:  # safetensors raises several types for a bad file
             raise CheckpointError(f"cannot read task head {path}: {e}") from e
-        return cls.from_weights(weight, bias, json.loads(meta.get("labels", "null")), meta.get("task", Path(path).stem))
+        prompts = meta.get("prompts")
+        return cls.from_weights(weight, bias, json.loads(meta.get("labels", "null")), meta.get("task", Path(path).stem),
+                                normalize=json.loads(meta.get("normalize", "false")),
+                                scale=float(meta.get("scale", "1.0")), kind=meta.get("kind", "probe"),
+                                prompts=json.loads(prompts) if prompts else None)
 
     def __repr__(self):
-        return f"TaskHead({self.name!r}, labels={self.labels}, dim={self.linear.in_features})"
+        extra = f", scale={self.scale:g}" if self.kind == "zero-shot" else ""
+        return f"TaskHead({self.name!r}, kind={self.kind!r}, labels={self.labels}, dim={self.linear.in_features}{extra})"
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -137,17 +175,24 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int = 48) -> dict[str,
 @torch.no_grad()
 def encode(encoder: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 128, max_length: int = 48,
            desc: str = "encode") -> torch.Tensor:
-    """Sentence features [N, dim] (masked mean pool), batched, in eval mode."""
+    """Sentence features [N, dim] (masked mean pool), batched, in eval mode, in the order of `texts`.
+
+    Batches are cut from the texts sorted by length, so short texts are not padded to the longest one
+    (several times faster on mixed words and sentences); padding does not change a mean-pooled feature."""
     encoder.eval()
     pool = SentenceClassifier(encoder, TaskHead(1, 1))
+    texts = list(texts)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     chunks = []
     starts = range(0, len(texts), batch_size)
     for s in progress(starts, desc=desc, total=len(starts)):
-        batch = tokenize(tokenizer, texts[s:s + batch_size], max_length)
+        batch = tokenize(tokenizer, [texts[i] for i in order[s:s + batch_size]], max_length)
         chunks.append(pool.features(**batch).float())
     if not chunks:
         return torch.zeros(0, getattr(getattr(encoder, "config", None), "hidden_size", 0))
-    return torch.cat(chunks)
+    out = torch.empty(len(texts), chunks[0].shape[1])
+    out[torch.tensor(order)] = torch.cat(chunks)
+    return out
 
 
 @torch.no_grad()

@@ -36,8 +36,10 @@ def task_accuracies(zoo, weights=None, *, tasks=None, split: str = "test", templ
     tokenizer = zoo.tokenizer()
     max_length = zoo.manifest.get("recipe", {}).get("max_length", 48)
     rows = []
-    for task in (tasks if tasks is not None else zoo.tasks + zoo.control_tasks):
+    for task in (tasks if tasks is not None else zoo.tasks + zoo.control_tasks + zoo.heldout_tasks):
         data, head = zoo.task_data(task), zoo.head(task)
+        if split not in data.splits:  # e.g. "shift": only the tasks that have a distribution-shifted test set
+            continue
         acc = accuracy(model, head, tokenizer, data.texts(split), data.targets(split), batch_size=batch_size,
                        max_length=max_length)
         metrics = zoo.manifest["models"].get(task, {}).get("metrics") or \
@@ -45,7 +47,8 @@ def task_accuracies(zoo, weights=None, *, tasks=None, split: str = "test", templ
         ft = metrics.get(f"finetuned_{split}")
         rows.append({"task": task, "split": split, "accuracy": acc, "base_accuracy": metrics.get(f"base_{split}"),
                      "finetuned_accuracy": ft, "normalized": (acc / ft) if ft else None,
-                     "control": task in zoo.control_tasks, "n": len(data.splits[split])})
+                     "control": task in zoo.control_tasks, "heldout": task in zoo.heldout_tasks,
+                     "n": len(data.splits[split])})
     return pd.DataFrame(rows)
 
 

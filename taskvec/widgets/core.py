@@ -38,8 +38,17 @@ def is_static() -> bool:
 
 
 def figures_dir(default: str | os.PathLike = "figures") -> Path:
-    """Where notebooks and the demo save figures: ``$TASKVEC_FIGURES`` or `default`."""
-    return Path(os.environ.get("TASKVEC_FIGURES") or default)
+    """Where notebooks and the demo save figures: ``$TASKVEC_FIGURES``, else `default` in full mode and
+    `default`/fast in fast mode (``TASKVEC_FAST=1``), so a fast run never overwrites the published full-mode
+    figures (``figures/fast/`` is not tracked)."""
+    if os.environ.get("TASKVEC_FIGURES"):
+        return Path(os.environ["TASKVEC_FIGURES"])
+    return Path(default) / "fast" if fast_mode() else Path(default)
+
+
+def fast_mode() -> bool:
+    """True when ``TASKVEC_FAST`` asks for the fast zoo and evaluation subsets (CI, quick looks)."""
+    return os.environ.get("TASKVEC_FAST", "0") not in ("", "0")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,10 @@ the library's own functions (`TaskVector` algebra, `taskvec.merging.merge`) and
 scores them with `taskvec.eval` on a fixed, seeded, class-stratified subset of
 each split (``limit`` examples per task; ``None`` = the whole split, which gives
 the zoo manifest's numbers).
+
+Every accuracy comes from per-example outcomes (`correct`), so each number can
+carry a 95 % interval and two models compared on the same examples get a
+paired-bootstrap interval of their difference (`taskvec.eval.intervals`).
 """
 from __future__ import annotations
 
@@ -28,25 +32,36 @@ def _subset(n: int, limit: int | None, seed: int) -> list[int]:
 class ZooLab:
     """Base, fine-tuned weights and heads of an encoder zoo in memory; fast accuracy on split subsets."""
 
-    def __init__(self, zoo, *, limit: int | None = None, seed: int = 0):
+    def __init__(self, zoo, *, limit: int | None = None, val_limit: int | None = None, seed: int = 0):
         if zoo.kind != "encoder":
             raise ParameterError(f"ZooLab needs an encoder zoo (accuracy per task); {zoo.name!r} is a {zoo.kind} zoo")
         self.zoo = zoo
-        self.limit = limit
+        self.limit = limit  # examples per task on the test (and shift) split; None = all
+        self.val_limit = limit if val_limit is None else val_limit  # on the validation split (λ / k choice)
         self.seed = seed
         self.tasks: list[str] = list(zoo.tasks)
         self.control: list[str] = list(zoo.control_tasks)
+        # never fine-tuned, never merged: out-of-distribution tasks for merged models (zero-shot heads)
+        self.heldout: list[str] = list(getattr(zoo, "heldout_tasks", []))
         self.model = zoo.load("base")  # the working module: weights are loaded into it for each evaluation
         self.base: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.tokenizer = zoo.tokenizer()
         self.max_length = zoo.manifest.get("recipe", {}).get("max_length", 48)
         self._ft: dict[str, dict[str, torch.Tensor]] = {}
-        self._heads = {t: zoo.head(t) for t in self.tasks + self.control}
-        self._data = {t: zoo.task_data(t) for t in self.tasks + self.control}
+        self._heads = {t: zoo.head(t) for t in self.all_tasks}
+        self._data = {t: zoo.task_data(t) for t in self.all_tasks}
+
+    @property
+    def all_tasks(self) -> list[str]:
+        """Fine-tuned tasks, then the control, then the held-out tasks."""
+        return self.tasks + self.control + [t for t in self.heldout if t not in self.control]
+
+    def has_split(self, task: str, split: str) -> bool:
+        return split in self._data[task].splits
 
     def __repr__(self):
         return (f"ZooLab({self.zoo.name!r}, mode={self.zoo.mode!r}, tasks={self.tasks}, control={self.control}, "
-                f"limit={self.limit})")
+                f"heldout={self.heldout}, limit={self.limit}, val_limit={self.val_limit})")
 
     # ------------------------------------------------------------ weights
     def finetuned(self, task: str) -> dict[str, torch.Tensor]:
@@ -88,14 +103,18 @@ class ZooLab:
     def _examples(self, task: str, split: str):
         data = self._data[task]
         texts, labels = data.texts(split), data.targets(split)
-        keep = _subset(len(texts), self.limit, self.seed)
+        keep = _subset(len(texts), self.val_limit if split == "val" else self.limit, self.seed)
         return [texts[i] for i in keep], [labels[i] for i in keep]
 
+    def labels(self, task: str, split: str = "test") -> list[int]:
+        return self._examples(task, split)[1]
+
     @torch.no_grad()
-    def accuracy(self, weights: Mapping[str, torch.Tensor] | None = None, *, split: str = "test",
-                 tasks: Sequence[str] | None = None) -> dict[str, float]:
-        """{task: accuracy} of `weights` (None = the base) with each task's frozen head."""
-        from taskvec.eval.classification import accuracy_from_predictions, predict
+    def correct(self, weights: Mapping[str, torch.Tensor] | None = None, *, split: str = "test",
+                tasks: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """{task: bool tensor, one entry per evaluated example} of `weights` (None = the base), each task with
+        its own frozen head. Tasks without `split` (e.g. "shift", which only some tasks have) are skipped."""
+        from taskvec.eval.classification import predict
 
         state = self.base if weights is None else weights
         missing = self.model.load_state_dict(state, strict=False).missing_keys
@@ -104,16 +123,52 @@ class ZooLab:
             raise ParameterError(f"weights lack {len(missing)} float tensor(s) of the model, e.g. {missing[:3]}")
         out = {}
         for task in (tasks or self.tasks + self.control):
+            if task not in self._data:
+                raise ParameterError(f"unknown task {task!r}; tasks: {self.all_tasks}")
+            if not self.has_split(task, split):
+                continue
             texts, labels = self._examples(task, split)
             pred = predict(self.model, self._heads[task], self.tokenizer, texts, max_length=self.max_length)
-            out[task] = accuracy_from_predictions(pred, labels)
+            out[task] = pred == torch.tensor(labels)
         return out
 
+    def accuracy(self, weights: Mapping[str, torch.Tensor] | None = None, *, split: str = "test",
+                 tasks: Sequence[str] | None = None) -> dict[str, float]:
+        """{task: accuracy} of `weights` (None = the base) with each task's frozen head."""
+        return {t: float(c.float().mean()) for t, c in self.correct(weights, split=split, tasks=tasks).items()}
+
     @functools.lru_cache(maxsize=None)
-    def _reference(self, which: str, split: str) -> dict[str, float]:
+    def reference_correct(self, which: str, split: str = "test") -> dict[str, torch.Tensor]:
+        """Per-example outcomes of a reference model (cached): ``"base"`` on every task, ``"finetuned"``
+        (each task's own fine-tune on its task), ``"multitask"`` (the jointly fine-tuned model, when the zoo has one)."""
         if which == "base":
-            return self.accuracy(None, split=split)
-        return {t: self.accuracy(self.finetuned(t), split=split, tasks=[t])[t] for t in self.tasks}
+            return self.correct(None, split=split, tasks=self.all_tasks)
+        if which == "finetuned":
+            out = {}
+            for t in self.tasks:
+                out.update(self.correct(self.finetuned(t), split=split, tasks=[t]))
+            return out
+        if which == "multitask":
+            return self.correct(self.multitask(), split=split, tasks=self.all_tasks)
+        raise ParameterError(f"reference must be 'base', 'finetuned' or 'multitask', got {which!r}")
+
+    def _reference(self, which: str, split: str) -> dict[str, float]:
+        return {t: float(c.float().mean()) for t, c in self.reference_correct(which, split).items()}
+
+    @property
+    def has_multitask(self) -> bool:
+        return getattr(self.zoo, "multitask_path", None) is not None
+
+    def multitask(self) -> dict[str, torch.Tensor]:
+        """The multi-task model (fine-tuned jointly on every task; the in-domain upper reference)."""
+        if not self.has_multitask:
+            raise ParameterError(f"zoo {self.zoo.name!r} ({self.zoo.mode}) has no multi-task model")
+        if "__multitask__" not in self._ft:
+            from taskvec.io import open_source
+
+            src = open_source(str(self.zoo.multitask_path))
+            self._ft["__multitask__"] = {k: src.get(k).clone() for k in src.keys()}
+        return self._ft["__multitask__"]
 
     def base_accuracy(self, split: str = "test") -> dict[str, float]:
         """Accuracy of the base encoder with each task's frozen head (EMTA's zero-shot)."""

@@ -218,48 +218,130 @@ def _mean(d: Mapping[str, float], keys: Sequence[str]) -> float:
     return float(np.mean([d[k] for k in keys]))
 
 
-def evaluate_methods(lab, methods: Mapping[str, tuple[WeightsFor, Sequence[float]] | dict]) -> pd.DataFrame:
-    """One row per method: λ chosen on validation (mean normalised accuracy over the tasks), test accuracy.
-
-    `methods` maps a label to (weights_for(λ), λ grid) or to a fixed state dict (no λ, e.g. averaging);
-    a one-value grid is used as given (no validation pass). Columns: method, lambda, val_normalized,
-    normalized_accuracy, absolute_accuracy (means over lab.tasks), acc_<task>, norm_<task>."""
-    rows = []
-    for label, spec in progress(methods.items(), desc="methods", total=len(methods)):
-        val_score = None
-        if isinstance(spec, tuple):
-            weights_for, lambdas = spec
+def _candidates(label: str, spec) -> list[tuple[dict, WeightsFor | None, tuple, dict | None]]:
+    """A method spec as a list of (params, weights_for, λ grid, fixed weights) to choose from on validation."""
+    if isinstance(spec, Mapping):
+        return [({}, None, (), spec)]
+    if isinstance(spec, tuple) and len(spec) == 2 and callable(spec[0]):
+        spec = [({}, spec[0], spec[1])]
+    if isinstance(spec, list) and all(isinstance(c, tuple) and len(c) == 3 and callable(c[1]) for c in spec):
+        out = []
+        for params, weights_for, lambdas in spec:
             if not lambdas:
                 raise ParameterError(f"{label}: empty λ grid")
-            lam = float(lambdas[0])
-            if len(lambdas) > 1:
-                scores = {float(l): _mean(lab.normalized(lab.accuracy(weights_for(l), split="val", tasks=lab.tasks),
-                                                         "val"), lab.tasks) for l in lambdas}
-                lam = max(scores, key=scores.get)
-                val_score = scores[lam]
-            weights = weights_for(lam)
-        elif isinstance(spec, Mapping):
-            lam, weights = None, spec
+            out.append((dict(params), weights_for, tuple(float(l) for l in lambdas), None))
+        return out
+    raise ParameterError(f"{label}: expected (weights_for, lambdas), a list of (params, weights_for, lambdas) "
+                         f"or a state dict, got {type(spec).__name__}")
+
+
+def evaluate_methods(lab, methods: Mapping[str, object], *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """One row per method: hyperparameters chosen on validation (mean normalised accuracy over the tasks),
+    test accuracy with a 95 % interval. The one engine behind every method table of the notebooks and demo.
+
+    `methods` maps a label to
+    - (weights_for(λ), λ grid): λ searched on validation (a one-value grid is used as given);
+    - [(params, weights_for(λ), λ grid), ...]: every (params, λ) searched on validation, e.g. TIES' density k
+      × λ grid (the chosen params become columns);
+    - a fixed state dict (no λ, e.g. averaging).
+    Columns: method, lambda, [params], val_normalized, normalized_accuracy with low/high (stratified bootstrap
+    over each task's test examples), absolute_accuracy, acc_<task> (fine-tuned and control tasks), norm_<task>.
+    The test outcomes of every row are kept in ``df.attrs["correct"]`` for `method_differences`."""
+    from taskvec.eval.intervals import mean_accuracy_interval
+
+    ft = lab.finetuned_accuracy()
+    rows, correct = [], {}
+    for label, spec in progress(methods.items(), desc="methods", total=len(methods)):
+        val_score, lam, params = None, None, {}
+        options = _candidates(label, spec)
+        if options[0][3] is not None:
+            weights = options[0][3]
         else:
-            raise ParameterError(f"{label}: expected (weights_for, lambdas) or a state dict, got {type(spec).__name__}")
-        acc = lab.accuracy(weights, split="test", tasks=lab.tasks)
-        norm = lab.normalized(acc)
-        rows.append({"method": label, "lambda": lam, "val_normalized": val_score,
-                     "normalized_accuracy": _mean(norm, lab.tasks), "absolute_accuracy": _mean(acc, lab.tasks),
-                     **{f"acc_{t}": acc[t] for t in lab.tasks}, **{f"norm_{t}": norm[t] for t in lab.tasks}})
-    return pd.DataFrame(rows)
+            scored = []
+            for opt_params, weights_for, lambdas in ((o[0], o[1], o[2]) for o in options):
+                if len(options) == 1 and len(lambdas) == 1:
+                    scored.append((None, opt_params, weights_for, lambdas[0]))
+                    continue
+                for l in lambdas:
+                    acc = lab.accuracy(weights_for(l), split="val", tasks=lab.tasks)
+                    scored.append((_mean(lab.normalized(acc, "val"), lab.tasks), opt_params, weights_for, l))
+            val_score, params, weights_for, lam = max(scored, key=lambda r: -1.0 if r[0] is None else r[0])
+            weights = weights_for(lam)
+        outcomes = lab.correct(weights, split="test", tasks=lab.tasks + lab.control)
+        correct[label] = outcomes
+        acc = {t: float(c.float().mean()) for t, c in outcomes.items()}
+        norm = lab.normalized({t: acc[t] for t in lab.tasks})
+        iv = mean_accuracy_interval({t: outcomes[t] for t in lab.tasks}, normalizer={t: ft[t] for t in lab.tasks},
+                                    n_boot=n_boot, seed=seed)
+        rows.append({"method": label, "lambda": lam, **params, "val_normalized": val_score,
+                     "normalized_accuracy": iv.estimate, "low": iv.low, "high": iv.high,
+                     "absolute_accuracy": _mean(acc, lab.tasks),
+                     **{f"acc_{t}": acc[t] for t in lab.tasks + lab.control}, **{f"norm_{t}": norm[t] for t in lab.tasks}})
+    df = pd.DataFrame(rows)
+    df.attrs["correct"] = correct
+    return df
 
 
-def reference_rows(lab) -> pd.DataFrame:
-    """The base θ₀ and the fine-tuned models (each on its own task) in `evaluate_methods`' columns."""
+def method_differences(lab, table: pd.DataFrame, pairs: Sequence[tuple[str, str]] | None = None, *,
+                       n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Paired-bootstrap 95 % intervals of the difference in mean normalised test accuracy, a − b, for each
+    pair of methods of `table` (default: every method against the next one in the table's order), from the
+    per-example outcomes `evaluate_methods` kept. `verdict` is "a > b", "a < b", or "within noise" exactly
+    when the interval contains 0."""
+    from taskvec.eval.intervals import difference_verdict, paired_bootstrap
+
+    correct = table.attrs.get("correct")
+    if not correct:
+        raise ParameterError("method_differences needs a table from evaluate_methods (it keeps the test outcomes)")
+    labels = list(table["method"])
+    pairs = list(pairs) if pairs is not None else list(zip(labels[:-1], labels[1:]))
+    ft = lab.finetuned_accuracy()
     rows = []
-    for label, acc in (("base θ₀ (no merge)", lab.base_accuracy()),
-                       ("fine-tuned (one model per task)", lab.finetuned_accuracy())):
-        norm = lab.normalized(acc)
-        rows.append({"method": label, "lambda": None, "val_normalized": None,
-                     "normalized_accuracy": _mean(norm, lab.tasks), "absolute_accuracy": _mean(acc, lab.tasks),
-                     **{f"acc_{t}": acc[t] for t in lab.tasks}, **{f"norm_{t}": norm[t] for t in lab.tasks}})
+    for a, b in pairs:
+        for m in (a, b):
+            if m not in correct:
+                raise ParameterError(f"method {m!r} is not in the table; methods: {labels}")
+        iv = paired_bootstrap({t: correct[a][t] for t in lab.tasks}, {t: correct[b][t] for t in lab.tasks},
+                              normalizer={t: ft[t] for t in lab.tasks}, n_boot=n_boot, seed=seed)
+        rows.append({"a": a, "b": b, "diff": iv.estimate, "low": iv.low, "high": iv.high,
+                     "verdict": difference_verdict(iv)})
     return pd.DataFrame(rows)
+
+
+def reference_rows(lab, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """The base θ₀, the multi-task model (when the zoo has one) and the fine-tuned models (each on its own
+    task) in `evaluate_methods`' columns."""
+    from taskvec.eval.intervals import mean_accuracy_interval
+
+    ft = lab.finetuned_accuracy()
+    refs = [("base θ₀ (no merge)", "base")]
+    if getattr(lab, "has_multitask", False):
+        refs.append(("multi-task (trained jointly)", "multitask"))
+    refs.append(("fine-tuned (one model per task)", "finetuned"))
+    rows, correct = [], {}
+    for label, which in refs:
+        outcomes = lab.reference_correct(which, "test")
+        correct[label] = outcomes
+        acc = {t: float(c.float().mean()) for t, c in outcomes.items()}
+        norm = lab.normalized({t: acc[t] for t in lab.tasks})
+        iv = mean_accuracy_interval({t: outcomes[t] for t in lab.tasks}, normalizer={t: ft[t] for t in lab.tasks},
+                                    n_boot=n_boot, seed=seed)
+        rows.append({"method": label, "lambda": None, "val_normalized": None,
+                     "normalized_accuracy": iv.estimate, "low": iv.low, "high": iv.high,
+                     "absolute_accuracy": _mean(acc, lab.tasks),
+                     **{f"acc_{t}": acc[t] for t in lab.tasks + lab.control if t in acc},
+                     **{f"norm_{t}": norm[t] for t in lab.tasks}})
+    df = pd.DataFrame(rows)
+    df.attrs["correct"] = correct
+    return df
+
+
+def with_references(lab, table: pd.DataFrame) -> pd.DataFrame:
+    """`table` followed by `reference_rows`, per-example outcomes of both kept (for `method_differences`)."""
+    refs = reference_rows(lab)
+    out = pd.concat([table, refs], ignore_index=True)
+    out.attrs["correct"] = {**table.attrs.get("correct", {}), **refs.attrs["correct"]}
+    return out
 
 
 def alignment(lab, deltas: Mapping[str, Mapping[str, torch.Tensor]], tasks: Sequence[str] | None = None
@@ -315,14 +397,21 @@ def ties_ablation(lab, density: float = 0.2, lambdas: Sequence[float] = TIES_LAM
 
 
 def ties_vs_baselines(lab, density: float = 0.2, ties_lambdas: Sequence[float] = TIES_LAMBDAS,
-                      ta_lambdas: Sequence[float] = TASK_ARITHMETIC_LAMBDAS, *, include_ties: bool = True) -> pd.DataFrame:
+                      ta_lambdas: Sequence[float] = TASK_ARITHMETIC_LAMBDAS, *, densities: Sequence[float] | None = None,
+                      include_ties: bool = True) -> pd.DataFrame:
     """TIES (`merge(method="ties")`), task arithmetic (θ₀ + λ Σ τ_i) and averaging (Σ θ_i / n), all tasks.
 
-    include_ties=False leaves TIES out (when its row is already measured, e.g. by `ties_ablation`)."""
+    TIES' λ — and its density k when `densities` is given (the papers' protocol: k and λ chosen together on
+    validation) — and task arithmetic's λ are chosen on the validation split. include_ties=False leaves TIES
+    out (when its row is already measured, e.g. by `ties_ablation`)."""
     methods: dict = {}
     if include_ties:
-        ties = delta_of(lab, lab.merge("ties", density=density, lam=1.0))
-        methods[f"TIES (k = {density:g})"] = (scaled(lab, ties), ties_lambdas)
+        if densities:
+            methods["TIES"] = [({"density": float(k)}, scaled(lab, delta_of(lab, lab.merge("ties", density=k, lam=1.0))),
+                                ties_lambdas) for k in densities]
+        else:
+            ties = delta_of(lab, lab.merge("ties", density=density, lam=1.0))
+            methods[f"TIES (k = {density:g})"] = (scaled(lab, ties), ties_lambdas)
     methods["task arithmetic"] = (scaled(lab, delta_of(lab, lab.merge("task_arithmetic", lam=1.0))), ta_lambdas)
     methods["averaging"] = lab.merge("linear")
     return evaluate_methods(lab, methods)

