@@ -47,11 +47,11 @@ class FakeLab(OutcomeLab):
     def _score(self, weights, split, tasks):
         w = self.base if weights is None else weights
         out = {}
-        for i, t in enumerate(tasks or self.tasks + self.control):
+        for t in tasks or self.tasks + self.control:
             if t == "ctrl":
                 out[t] = 0.5
                 continue
-            k = f"layers.{i}.w"
+            k = f"layers.{self.tasks.index(t)}.w"   # the task's own tensor, whatever tasks were asked for
             gap = float((w[k] - self._ft[t][k]).norm() / (self._ft[t][k] - self.base[k]).norm())
             out[t] = 0.5 + 0.5 / (1.0 + gap) + (0.01 if split == "val" else 0.0)
         return out

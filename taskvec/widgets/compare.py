@@ -382,7 +382,11 @@ def _mean(d: Mapping[str, float], keys: Sequence[str]) -> float:
 
 def evaluate_spec(lab, spec: MethodSpec, statistics: Mapping[str, Mapping[str, dict]] | None = None) -> dict:
     """Search `spec`'s grid on validation (mean normalised accuracy over the fine-tuned tasks), then score the
-    chosen configuration on test. Returns one row: chosen parameters, validation score, test accuracies."""
+    chosen configuration on test, through `sweeps.evaluate_methods` (the engine behind every method table).
+    Returns one row: chosen parameters, validation score, test accuracies with the 95 % interval of the mean,
+    and (key "correct") the per-example test outcomes for paired comparisons."""
+    from taskvec.widgets.sweeps import evaluate_methods
+
     tasks = lab.tasks
     fixed = dict(spec.params)
     if spec.statistics:
@@ -390,52 +394,59 @@ def evaluate_spec(lab, spec: MethodSpec, statistics: Mapping[str, Mapping[str, d
             raise ParameterError(f"{spec.label}: needs {spec.statistics!r} statistics (see merge_statistics)")
         fixed[spec.statistics] = [statistics[spec.statistics][t] for t in tasks]
     started = time.perf_counter()
-    candidates = []  # (val score, params, weights)
     configs = spec.configurations()
+    candidates = []
     for config in configs:
         merged = lab.merge(spec.method, tasks, **fixed, **config)
-        for lam in (spec.lambdas or (None,)):
-            weights = merged if lam is None else rescaled(lab, merged, lam)
-            # a single configuration needs no validation pass
-            if len(configs) == 1 and len(spec.lambdas or (None,)) == 1:
-                score = float("nan")
-            else:
-                score = _mean(lab.normalized(lab.accuracy(weights, split="val", tasks=tasks), "val"), tasks)
-            params = dict(config, **({"lambda": lam} if lam is not None else {}))
-            if not candidates or score > candidates[0][0] or math.isnan(candidates[0][0]):
-                candidates = [(score, params, weights)]
-    score, params, weights = candidates[0]
-    acc = lab.accuracy(weights, split="test")
-    norm = lab.normalized(acc)
+        if spec.lambdas:  # θ₀ + λ·τ_m: one merge, rescaled for each λ
+            candidates.append((config, lambda lam, m=merged: rescaled(lab, merged=m, lam=lam), tuple(spec.lambdas)))
+        else:
+            candidates.append((config, lambda lam, m=merged: m, (1.0,)))
+    df = evaluate_methods(lab, {spec.label: candidates})
+    row = df.iloc[0].to_dict()
+    params = {k: row[k] for k in (configs[0] if configs else {})}
+    if spec.lambdas:
+        params["lambda"] = row["lambda"]
     return {"method": spec.label, "params": ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                                                       for k, v in params.items()) or "—",
-            "val_normalized": score, "normalized_accuracy": _mean(norm, tasks),
-            "absolute_accuracy": _mean(acc, tasks), **{f"acc_{t}": acc[t] for t in tasks + lab.control},
+            "val_normalized": row["val_normalized"] if row["val_normalized"] is not None else float("nan"),
+            "normalized_accuracy": row["normalized_accuracy"], "low": row["low"], "high": row["high"],
+            "absolute_accuracy": row["absolute_accuracy"], **{f"acc_{t}": row[f"acc_{t}"] for t in tasks + lab.control},
             "configs_tried": len(configs) * len(spec.lambdas or (None,)),
-            "seconds": time.perf_counter() - started}
+            "seconds": time.perf_counter() - started, "correct": df.attrs["correct"][spec.label]}
 
 
 def method_table(lab, specs: Sequence[MethodSpec] | None = None, *, statistics=None, fast: bool = True,
                  include_references: bool = True) -> pd.DataFrame:
     """Every method in `specs` (default: `default_specs(fast)`) tuned on validation, scored on test: one row
-    per method with per-task test accuracy, mean absolute and mean normalised accuracy (acc / fine-tuned acc).
-    `include_references` adds the base model and the individual fine-tuned models (each on its own task)."""
+    per method with per-task test accuracy, mean absolute and mean normalised accuracy (acc / fine-tuned acc)
+    with its 95 % interval (low / high). `include_references` adds the base model, the multi-task model (when
+    the zoo has one) and the individual fine-tuned models (each on its own task). Per-example test outcomes are
+    kept in ``df.attrs["correct"]`` (`sweeps.method_differences` gives paired intervals of differences)."""
     from taskvec._progress import progress
+    from taskvec.widgets.sweeps import reference_rows
 
     specs = list(specs if specs is not None else default_specs(fast))
-    rows = []
+    rows, correct = [], {}
     if include_references:
-        base, ft = lab.base_accuracy("test"), lab.finetuned_accuracy("test")
-        rows.append({"method": "base θ₀ (frozen heads)", "params": "—",
-                     "normalized_accuracy": _mean(lab.normalized(base), lab.tasks),
-                     "absolute_accuracy": _mean(base, lab.tasks), **{f"acc_{t}": base[t] for t in base}})
-        rows.append({"method": "fine-tuned (one model per task)", "params": "—", "normalized_accuracy": 1.0,
-                     "absolute_accuracy": _mean(ft, lab.tasks), **{f"acc_{t}": ft[t] for t in ft}})
+        refs = reference_rows(lab)
+        correct.update(refs.attrs["correct"])
+        for r in refs.to_dict("records"):
+            rows.append({"method": r["method"].replace("base θ₀ (no merge)", BASE_LABEL), "params": "—",
+                         **{k: r[k] for k in ("normalized_accuracy", "low", "high", "absolute_accuracy")},
+                         **{k: v for k, v in r.items() if k.startswith("acc_")}})
+        correct[BASE_LABEL] = correct.pop("base θ₀ (no merge)")
     for spec in progress(specs, desc="methods"):
-        rows.append(evaluate_spec(lab, spec, statistics))
+        row = evaluate_spec(lab, spec, statistics)
+        correct[spec.label] = row.pop("correct")
+        rows.append(row)
     df = pd.DataFrame(rows)
-    df["reference"] = df["method"].isin(["base θ₀ (frozen heads)", "fine-tuned (one model per task)"])
+    df["reference"] = df["method"].isin([BASE_LABEL, "fine-tuned (one model per task)", "multi-task (trained jointly)"])
+    df.attrs["correct"] = correct
     return df
+
+
+BASE_LABEL = "base θ₀ (frozen heads)"
 
 
 def plot_method_table(table: pd.DataFrame, tasks: Sequence[str], finetuned: Mapping[str, float],
@@ -523,9 +534,11 @@ def pairwise_table(lab, pairs: Sequence[tuple[str, str]] | None = None, *, t: fl
 #: accuracy (%), as tabulated in AdaMerging (Yang et al., ICLR 2024, Table 2). "fine-tuned" = one
 #: fine-tuned model per task ("individual", 90.5 there). Task arithmetic 69.1 and TIES 72.4 are AdaMerging's
 #: entries, without validation-tuned hyper-parameters; with validation TIES reaches 73.6 and task arithmetic
-#: 70.1 (as tabulated in EMR-Merging, NeurIPS 2024, Table 2).
+#: 70.1 (as tabulated in EMR-Merging, NeurIPS 2024, Table 2). "multi-task": one model trained jointly on
+#: all 8 tasks (88.9 in the same table).
 PAPER_VIT_B32 = {
     "fine-tuned (one model per task)": 90.5,
+    "multi-task (trained jointly)": 88.9,
     "averaging": 65.8,
     "fisher": 68.3,
     "regmean": 71.8,

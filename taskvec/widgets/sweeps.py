@@ -530,39 +530,93 @@ def plot_delta_range(df: pd.DataFrame):
 def dare_curve(lab, tasks: Sequence[str] | None = None, ps: Sequence[float] = DARE_DROP_RATES,
                rescale: Sequence[bool] = (True, False), seed: int = 0) -> pd.DataFrame:
     """DARE Fig. 1 on the zoo: for each task, θ₀ + DARE(τ_task, p) on that task's test split, for every p,
-    with and without the 1/(1−p) rescale (`taskvec.analysis.dare_sweep` with `views.accuracy_fn`).
+    with and without the 1/(1−p) rescale (`taskvec.analysis.dare_sweep`).
 
     Tidy rows: task, drop_rate, rescale, accuracy, normalized (acc / fine-tuned acc), base_accuracy,
-    finetuned_accuracy and dare_sweep's weight statistics (cosine_to_tau, norm_ratio, frac_kept)."""
+    finetuned_accuracy and dare_sweep's weight statistics (cosine_to_tau, norm_ratio, frac_kept).
+    The per-example test outcomes are kept in ``df.attrs["correct"]``: {(task, drop_rate, rescale): bool
+    tensor, (task, "base"): ..., (task, "finetuned"): ...}, for paired intervals (`dare_difference`).
+    Only the requested tasks are evaluated (base and fine-tuned included); tensors that fine-tuning left
+    unchanged (τ = 0, e.g. frozen word embeddings) are not re-drawn: dropping zeros gives zeros."""
     from taskvec.analysis import dare_sweep
 
     tasks = list(tasks or lab.tasks)
     rescale = [bool(r) for r in rescale]
     if not rescale:
         raise ParameterError("rescale must list at least one of True/False")
-    base, ft = lab.base_accuracy(), lab.finetuned_accuracy()
+    correct: dict = {}
     frames = []
     for t in progress(tasks, desc="DARE curves"):
-        # τ as plain tensors, computed once: every grid point re-reads the whole vector
-        tau = {k: lab.finetuned(t)[k].to(torch.float32) - lab.base[k].to(torch.float32) for k in float_keys(lab)}
+        base_c = lab.correct(None, split="test", tasks=[t])[t]
+        ft_c = lab.correct(lab.finetuned(t), split="test", tasks=[t])[t]
+        correct[(t, "base")], correct[(t, "finetuned")] = base_c, ft_c
+        base_acc, ft_acc = float(base_c.float().mean()), float(ft_c.float().mean())
+        # τ as plain tensors, computed once: every grid point re-reads the whole vector. All-zero tensors are
+        # left out (the sweep then takes them from the base unchanged, exactly what dropping zeros gives).
+        tau = {}
+        for k in float_keys(lab):
+            d = lab.finetuned(t)[k].to(torch.float32) - lab.base[k].to(torch.float32)
+            if bool(d.any()):
+                tau[k] = d
         parts = []
         for i, r in enumerate(rescale):
             # p = 0 is the fine-tuned model whatever the rescale: evaluate it once, copy the row
             grid = list(ps) if i == 0 else [p for p in ps if p != 0] or list(ps)
-            sweep = dare_sweep(tau, ps=grid, rescale=(r,), eval_fn=views.accuracy_fn(lab, [t]),
+            outcomes: list[torch.Tensor] = []
+
+            def evaluate(state_dict, t=t, outcomes=outcomes):
+                c = lab.correct(state_dict, split="test", tasks=[t])[t]
+                outcomes.append(c)
+                return {f"acc_{t}": float(c.float().mean())}
+
+            sweep = dare_sweep(tau, ps=grid, rescale=(r,), eval_fn=evaluate,
                                base=lab.base, seed=seed, eval_base=False, name=t)
+            # dare_sweep evaluates its grid in order, one call per drop rate
+            for p, c in zip(sweep.data["drop_rate"], outcomes):
+                correct[(t, float(p), r)] = c
             d = sweep.data.assign(rescale=r)
             if i > 0 and len(grid) < len(ps):
                 d = pd.concat([parts[0][parts[0]["drop_rate"] == 0].assign(rescale=r), d], ignore_index=True)
+                correct[(t, 0.0, r)] = correct[(t, 0.0, rescale[0])]
             parts.append(d)
         d = pd.concat(parts, ignore_index=True).rename(columns={f"acc_{t}": "accuracy"})
         d.insert(0, "task", t)
-        d["base_accuracy"] = base[t]
-        d["finetuned_accuracy"] = ft[t]
-        d["normalized"] = d["accuracy"] / ft[t]
+        d["base_accuracy"] = base_acc
+        d["finetuned_accuracy"] = ft_acc
+        d["normalized"] = d["accuracy"] / ft_acc
         frames.append(d)
         del tau
-    return pd.DataFrame(pd.concat(frames, ignore_index=True))
+    df = pd.DataFrame(pd.concat(frames, ignore_index=True))
+    df.attrs["correct"] = correct
+    return df
+
+
+def dare_difference(curve: pd.DataFrame, a, b, *, tasks: Sequence[str] | None = None, n_boot: int = 2000,
+                    seed: int = 0):
+    """Paired-bootstrap 95 % interval (`taskvec.eval.intervals.Interval`) of the difference in mean
+    normalised test accuracy (accuracy / fine-tuned accuracy, averaged over the curve's tasks), a − b, where
+    a and b are (drop_rate, rescale) points of `dare_curve`, or "base" / "finetuned". Both are scored on the
+    same test examples, resampled together within each task."""
+    from taskvec.eval.intervals import paired_bootstrap
+
+    correct = curve.attrs.get("correct")
+    if not correct:
+        raise ParameterError("dare_difference needs a table from dare_curve (it keeps the test outcomes)")
+    tasks = list(tasks or dict.fromkeys(curve["task"]))
+
+    def key(t, point):
+        if isinstance(point, str):
+            return (t, point)
+        p, r = point
+        return (t, float(p), bool(r))
+
+    for point in (a, b):
+        missing = [t for t in tasks if key(t, point) not in correct]
+        if missing:
+            raise ParameterError(f"the curve has no point {point!r} for tasks {missing}")
+    ft = {t: float(correct[(t, "finetuned")].float().mean()) for t in tasks}
+    return paired_bootstrap({t: correct[key(t, a)] for t in tasks}, {t: correct[key(t, b)] for t in tasks},
+                            normalizer=ft, n_boot=n_boot, seed=seed)
 
 
 def _drop_axis(ax, ps):

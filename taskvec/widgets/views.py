@@ -128,6 +128,25 @@ def negation_summary(table: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0, 
     return {"target_drop": target, "control_drop": control}
 
 
+def negation_view(lab, task: str, lam: float = 1.0):
+    """Accuracy on every task for the base and for θ₀ − λτ_task (the negated task should drop, others stay)."""
+    base = lab.base_accuracy("test")
+    neg = lab.accuracy(lab.apply({task: -lam}), split="test")
+    names = list(neg)
+    x = np.arange(len(names))
+    with style():
+        fig, ax = new_figure(figsize=(7.5, 3.8))
+        ax.bar(x - 0.2, [base[n] for n in names], 0.4, color="0.65", label="base θ₀")
+        ax.bar(x + 0.2, [neg[n] for n in names], 0.4, color="C3", label=f"θ₀ − {lam:.2f}·τ_{task}")
+        ax.set_xticks(x, [n + (" (control)" if n in lab.control else "") + (" ←" if n == task else "")
+                          for n in names])
+        ax.set_ylabel("test accuracy")
+        ax.set_ylim(0, 1.22)
+        ax.set_title(f"Negating τ_{task}: forget {task}, keep the rest")
+        ax.legend(loc="upper right", ncol=2)
+    return fig
+
+
 # ------------------------------------------------------------------ addition (EMTA Fig. 3)
 
 def best_lambda(lab, weights_for: Callable[[float], dict], tasks: Sequence[str],
@@ -371,4 +390,65 @@ def plot_intervals(df: pd.DataFrame, *, label: str = "method", value: str = "nor
         ax.set_xlim(float(np.nanmin(lo)) - 0.05 * span, float(np.nanmax(hi)) + 0.18 * span)
         ax.set_xlabel(xlabel + " (95 % interval)")
         ax.set_title(title)
+    return fig
+
+
+# ------------------------------------------------------------------ which head? (zero-shot vs probe)
+
+def head_comparison(labs: Mapping[str, object], *, ties_lambdas: Sequence[float], ta_lambdas: Sequence[float],
+                    densities: Sequence[float] = (0.1, 0.2, 0.3)) -> pd.DataFrame:
+    """The same zoo with different frozen heads (e.g. {"zero-shot": lab, "probe": lab_probe}): base headroom and
+    the spread of the merges. One row per (head, model): mean normalised test accuracy with its 95 % interval,
+    for the base, averaging, task arithmetic and TIES ((k, λ) from validation); ``spread`` rows hold the paired
+    interval of TIES − averaging. With probe heads the base is near the fine-tunes and the merges bunch up
+    within noise; with zero-shot heads they separate (the reason the zoo's default is EMTA's head)."""
+    from taskvec.widgets import sweeps
+
+    rows = []
+    for head, lab in labs.items():
+        table = sweeps.with_references(lab, sweeps.ties_vs_baselines(lab, 0.2, ties_lambdas, ta_lambdas,
+                                                                     densities=densities))
+        for r in table.to_dict("records"):
+            if r["method"].startswith("fine-tuned"):
+                continue
+            rows.append({"head": head, "model": r["method"], "normalized_accuracy": r["normalized_accuracy"],
+                         "low": r["low"], "high": r["high"]})
+        d = sweeps.method_differences(lab, table, [("TIES", "averaging")]).iloc[0]
+        rows.append({"head": head, "model": "spread: TIES − averaging", "normalized_accuracy": d["diff"],
+                     "low": d["low"], "high": d["high"]})
+    return pd.DataFrame(rows)
+
+
+def plot_head_comparison(df: pd.DataFrame, title: str = "Zero-shot prompt heads vs logistic-probe heads"):
+    """Left: mean normalised accuracy (95 % intervals) of base, averaging, task arithmetic, TIES and the multi-task
+    model per head kind. Right: the paired interval of TIES − averaging per head kind."""
+    heads = list(dict.fromkeys(df["head"]))
+    models = [m for m in dict.fromkeys(df["model"]) if not m.startswith("spread")]
+    with style():
+        fig, (ax, ax2) = new_figure(1, 2, figsize=(10.5, 0.5 * len(models) + 2.0),
+                                    gridspec_kw={"width_ratios": [2.2, 1]})
+        y = np.arange(len(models))
+        for j, head in enumerate(heads):
+            sub = df[(df["head"] == head)].set_index("model")
+            v = np.array([sub.loc[m, "normalized_accuracy"] if m in sub.index else np.nan for m in models])
+            lo = np.array([sub.loc[m, "low"] if m in sub.index else np.nan for m in models])
+            hi = np.array([sub.loc[m, "high"] if m in sub.index else np.nan for m in models])
+            off = (j - (len(heads) - 1) / 2) * 0.25
+            ax.errorbar(v, y + off, xerr=[v - lo, hi - v], fmt="o", color=f"C{j}", capsize=3, label=f"{head} heads")
+            s = df[(df["head"] == head) & df["model"].str.startswith("spread")].iloc[0]
+            ax2.errorbar([s["normalized_accuracy"]], [j], xerr=[[s["normalized_accuracy"] - s["low"]],
+                                                                [s["high"] - s["normalized_accuracy"]]],
+                         fmt="o", color=f"C{j}", capsize=3)
+        ax.set_yticks(y, models)
+        ax.invert_yaxis()
+        ax.axvline(1.0, color="C2", ls=":", lw=1)
+        ax.set_xlabel("mean normalised test accuracy (95 % interval)")
+        ax.legend(loc="lower left", fontsize=8.5)
+        ax.set_title(title)
+        ax2.axvline(0.0, color="0.4", lw=1)
+        ax2.set_yticks(range(len(heads)), [f"{h} heads" for h in heads])
+        ax2.set_ylim(-0.7, len(heads) - 0.3)
+        ax2.invert_yaxis()
+        ax2.set_xlabel("TIES − averaging (paired 95 % interval)")
+        ax2.set_title("merge spread")
     return fig

@@ -19,6 +19,8 @@ def main(argv: list[str]) -> int:
     b.add_argument("--cache", help="cache directory (default: $TASKVEC_CACHE or ~/.cache/taskvec)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--rebuild", action="store_true", help="rebuild every entry even when the cache verifies")
+    b.add_argument("--head", choices=("zero-shot", "probe"), default="zero-shot",
+                   help="encoder zoo's frozen task heads: EMTA's zero-shot prompt heads (default) or logistic probes")
     ls = sub.add_parser("list", help="known zoos and the builds in the cache")
     ls.add_argument("--cache")
     ls.add_argument("--json", action="store_true")
@@ -38,7 +40,7 @@ def main(argv: list[str]) -> int:
         return 0
     names = list(ZOOS) if args.name == "all" else [args.name]
     for name in names:
-        zoo = build(name, fast="tiny" if args.tiny else args.fast, cache=args.cache, seed=args.seed,
+        zoo = build(name, fast="tiny" if args.tiny else args.fast, cache=args.cache, seed=args.seed, head=args.head,
                     rebuild=args.rebuild)
         print(zoo)
         if zoo.manifest.get("rebuilt"):
