@@ -93,15 +93,18 @@ def run_minimal(workdir: Path) -> list[tuple[float, float]]:
 
 # ------------------------------------------------------------------ zoo demo
 
-#: Grids per mode: (negation λ, addition λ, DARE drop rates, examples per task and split).
+#: Grids per mode: λ grids (negation, addition, TIES), TIES densities, addition sizes, DARE drop rates, and
+#: examples per task (limit: test, val_limit: validation; None = the whole split).
 GRIDS = {
     "fast": dict(negation=(0.5, 1.0, 1.5, 2.0), addition=(0.2, 0.3, 0.4, 0.5, 0.7), sizes=(1, 2, 4, 8),
                  ties_lambdas=(0.8, 1.0, 1.3, 1.6, 2.0, 2.5), densities=(0.1, 0.2, 0.3),
                  drop=(0.0, 0.5, 0.9, 0.99), limit=200, val_limit=100),
+    # full: whole test splits; λ chosen on 200 validation examples per task, on the papers' grids at half
+    # their resolution (TIES' 0.8–2.5 in steps of 0.2 rather than 0.1; task arithmetic's 0.05–1.0 in 0.1)
     "full": dict(negation=tuple(round(0.25 * i, 2) for i in range(1, 13)),
-                 addition=tuple(round(0.05 * i, 2) for i in range(1, 21)), sizes=None,
-                 ties_lambdas=tuple(round(0.8 + 0.1 * i, 1) for i in range(18)), densities=(0.1, 0.2, 0.3),
-                 drop=(0.0, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99), limit=None, val_limit=None),
+                 addition=tuple(round(0.1 * i, 1) for i in range(1, 11)), sizes=(1, 2, 3, 4, 6, 8),
+                 ties_lambdas=tuple(round(0.8 + 0.2 * i, 1) for i in range(9)), densities=(0.1, 0.2, 0.3),
+                 drop=(0.0, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99), limit=None, val_limit=200),
 }
 
 

@@ -265,3 +265,25 @@ def test_pydoc_data_does_not_depend_on_what_else_was_imported():
     from taskvec.zoo.data import _docstrings
 
     assert not any("TRANSFORMERS" in d for d in _docstrings("logging"))
+
+
+def test_two_builds_of_one_zoo_take_turns(tmp_path):
+    """A second build of the same zoo (another notebook, a test run) waits for the first: never interleaved."""
+    import threading
+    import time
+
+    from taskvec.zoo.core import _build_lock
+
+    order = []
+
+    def second():
+        with _build_lock(tmp_path):
+            order.append("second")
+
+    with _build_lock(tmp_path):
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.3)
+        order.append("first done")
+    t.join(5)
+    assert order == ["first done", "second"]

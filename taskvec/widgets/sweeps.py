@@ -35,8 +35,10 @@ TIES_LAMBDAS = (0.8, 1.0, 1.2, 1.5, 2.0)
 TASK_ARITHMETIC_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 #: DARE Fig. 1's drop rates (the paper goes up to 0.99).
 DARE_DROP_RATES = (0.0, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
-#: DARE's reported limit: drop-and-rescale degrades once |τ| exceeds about this (DARE paper).
+#: DARE's delta range, as the official repository's README words it (yule-BUAA/MergeLM: SFT delta parameters
+#: "within 0.005"); the ICML 2024 text (arXiv 2311.03099 v3) says "within 0.002" (`DARE_DELTA_RANGE_V3`).
 DARE_DELTA_LIMIT = 0.005
+DARE_DELTA_RANGE_V3 = 0.002
 
 WeightsFor = Callable[[float], dict]
 
@@ -465,15 +467,17 @@ def plot_ties_ablation(df: pd.DataFrame, title: str = "TIES ablation: remove one
 # ------------------------------------------------------------------ DARE
 
 def delta_range(lab, tasks: Sequence[str] | None = None, sample_every: int = 1) -> pd.DataFrame:
-    """Per task: how large the deltas are (DARE's precondition: SFT deltas are small, |τ| ≲ 0.005).
+    """Per task: how large the deltas are (DARE's precondition: SFT deltas are small — "within 0.002" in the
+    ICML 2024 text, "within 0.005" in the official repository's README).
 
-    Exact over every entry: ‖τ‖, max |τ|, fraction unchanged (τ = 0), fraction above 0.005. Quantiles of
-    |τ| among the changed entries (p50, p90, p99) on every `sample_every`-th entry (1: all)."""
+    Exact over every entry: ‖τ‖, max |τ|, fraction unchanged (τ = 0), fractions above 0.002 and 0.005.
+    Quantiles of |τ| among the changed entries (p50, p90, p99) on every `sample_every`-th entry (1: all)."""
     tasks = list(tasks or lab.tasks)
     sq = {t: 0.0 for t in tasks}
     mx = {t: 0.0 for t in tasks}
     zero = {t: 0 for t in tasks}
     above = {t: 0 for t in tasks}
+    above_v3 = {t: 0 for t in tasks}
     n = 0
     samples: dict[str, list[torch.Tensor]] = {t: [] for t in tasks}
     for _, stacked in iter_task_deltas(lab, tasks):
@@ -485,6 +489,7 @@ def delta_range(lab, tasks: Sequence[str] | None = None, sample_every: int = 1) 
             mx[t] = max(mx[t], float(a.max())) if a.numel() else mx[t]
             zero[t] += int((a == 0).sum())
             above[t] += int((a > DARE_DELTA_LIMIT).sum())
+            above_v3[t] += int((a > DARE_DELTA_RANGE_V3).sum())
             s = a[::sample_every] if sample_every > 1 else a
             samples[t].append(s[s > 0])
     rows = []
@@ -494,7 +499,8 @@ def delta_range(lab, tasks: Sequence[str] | None = None, sample_every: int = 1) 
                             torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
              if len(nz) else [float("nan")] * 3)
         rows.append({"task": t, "numel": n, "norm": math.sqrt(sq[t]), "max_abs": mx[t],
-                     "frac_unchanged": zero[t] / n, "frac_above_0.005": above[t] / n,
+                     "frac_unchanged": zero[t] / n, "frac_above_0.002": above_v3[t] / n,
+                     "frac_above_0.005": above[t] / n,
                      "p50_abs_changed": q[0], "p90_abs_changed": q[1], "p99_abs_changed": q[2]})
     return pd.DataFrame(rows)
 
@@ -510,7 +516,8 @@ def plot_delta_range(df: pd.DataFrame):
         for col, marker, label in (("p50_abs_changed", "o", "median"), ("p90_abs_changed", "s", "90th percentile"),
                                    ("p99_abs_changed", "D", "99th percentile"), ("max_abs", "|", "max")):
             ax.plot(df[col], y, marker, ms=8 if marker != "|" else 16, mew=2, ls="none", label=label)
-        ax.axvline(DARE_DELTA_LIMIT, color="C3", ls="--", lw=1.2, label="0.005 (DARE's limit)")
+        ax.axvline(DARE_DELTA_RANGE_V3, color="C3", ls=":", lw=1.2, label="0.002 (DARE, ICML 2024 text)")
+        ax.axvline(DARE_DELTA_LIMIT, color="C3", ls="--", lw=1.2, label="0.005 (DARE repository README)")
         ax.set_xscale("log")
         lo = float(df["p50_abs_changed"].min()) / 1.5
         hi = max(float(df["max_abs"].max()), DARE_DELTA_LIMIT) * 1.6
@@ -521,10 +528,29 @@ def plot_delta_range(df: pd.DataFrame):
         ax.set_yticks(y, df["task"])
         ax.set_ylim(len(df) - 0.5, -0.5)
         ax.set_xlabel(r"$|\tau|$ of the changed entries (log scale)")
-        ax.set_title("How large are the fine-tuning deltas?" + (" (all below 0.005)"
+        ax.set_title("How large are the fine-tuning deltas?" + (" (all below 0.002)"
+                     if (df["max_abs"] <= DARE_DELTA_RANGE_V3).all() else " (all below 0.005)"
                      if (df["max_abs"] <= DARE_DELTA_LIMIT).all() else ""))
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8.5, frameon=False)
     return fig
+
+
+def task_subset(lab, tasks: Sequence[str] | None):
+    """`lab` restricted to the fine-tuned `tasks` (same weights, heads, data and evaluation subsets; the
+    control and held-out tasks kept): every view, merge and reference of the returned lab covers only those
+    tasks. Fast mode's DARE sweeps and merges run on a few tasks instead of fewer examples per task.
+    None or all of lab's tasks: `lab` itself."""
+    import copy
+
+    if tasks is None or list(tasks) == list(lab.tasks):
+        return lab
+    tasks = list(tasks)
+    unknown = [t for t in tasks if t not in lab.tasks]
+    if unknown or not tasks or len(set(tasks)) != len(tasks):
+        raise ParameterError(f"tasks must be distinct fine-tuned tasks of the lab {lab.tasks}, got {tasks}")
+    sub = copy.copy(lab)  # shares the in-memory weights; its reference outcomes are cached separately
+    sub.tasks = tasks
+    return sub
 
 
 def dare_curve(lab, tasks: Sequence[str] | None = None, ps: Sequence[float] = DARE_DROP_RATES,
@@ -534,21 +560,35 @@ def dare_curve(lab, tasks: Sequence[str] | None = None, ps: Sequence[float] = DA
 
     Tidy rows: task, drop_rate, rescale, accuracy, normalized (acc / fine-tuned acc), base_accuracy,
     finetuned_accuracy and dare_sweep's weight statistics (cosine_to_tau, norm_ratio, frac_kept).
+    p = 0 drops nothing: its row is the fine-tuned model itself (not evaluated twice).
     The per-example test outcomes are kept in ``df.attrs["correct"]``: {(task, drop_rate, rescale): bool
     tensor, (task, "base"): ..., (task, "finetuned"): ...}, for paired intervals (`dare_difference`).
-    Only the requested tasks are evaluated (base and fine-tuned included); tensors that fine-tuning left
-    unchanged (τ = 0, e.g. frozen word embeddings) are not re-drawn: dropping zeros gives zeros."""
+    Only the requested tasks are evaluated (with all of lab's tasks, the lab's cached reference outcomes are
+    used); tensors that fine-tuning left unchanged (τ = 0, e.g. frozen word embeddings) are not re-drawn:
+    dropping zeros gives zeros."""
     from taskvec.analysis import dare_sweep
+    from taskvec.methods import check_drop_rate
 
     tasks = list(tasks or lab.tasks)
+    ps = [check_drop_rate(p) for p in ps]
+    if not ps:
+        raise ParameterError("dare_curve needs at least one drop rate")
     rescale = [bool(r) for r in rescale]
     if not rescale:
         raise ParameterError("rescale must list at least one of True/False")
+    unknown = [t for t in tasks if t not in lab.tasks]
+    if unknown:
+        raise ParameterError(f"no fine-tuned model for {unknown}; tasks: {lab.tasks}")
+    references = sorted(tasks) == sorted(lab.tasks)
     correct: dict = {}
     frames = []
     for t in progress(tasks, desc="DARE curves"):
-        base_c = lab.correct(None, split="test", tasks=[t])[t]
-        ft_c = lab.correct(lab.finetuned(t), split="test", tasks=[t])[t]
+        if references:
+            base_c = lab.reference_correct("base", "test")[t]
+            ft_c = lab.reference_correct("finetuned", "test")[t]
+        else:
+            base_c = lab.correct(None, split="test", tasks=[t])[t]
+            ft_c = lab.correct(lab.finetuned(t), split="test", tasks=[t])[t]
         correct[(t, "base")], correct[(t, "finetuned")] = base_c, ft_c
         base_acc, ft_acc = float(base_c.float().mean()), float(ft_c.float().mean())
         # τ as plain tensors, computed once: every grid point re-reads the whole vector. All-zero tensors are
@@ -558,28 +598,33 @@ def dare_curve(lab, tasks: Sequence[str] | None = None, ps: Sequence[float] = DA
             d = lab.finetuned(t)[k].to(torch.float32) - lab.base[k].to(torch.float32)
             if bool(d.any()):
                 tau[k] = d
+        grid = [p for p in ps if p != 0]
         parts = []
-        for i, r in enumerate(rescale):
-            # p = 0 is the fine-tuned model whatever the rescale: evaluate it once, copy the row
-            grid = list(ps) if i == 0 else [p for p in ps if p != 0] or list(ps)
+        for r in rescale:
+            if 0.0 in ps:  # nothing dropped: θ₀ + τ is the fine-tuned model
+                parts.append(pd.DataFrame([{"drop_rate": 0.0, "rescale": r, "norm_ratio": 1.0, "rel_norm_error": 0.0,
+                                            "cosine_to_tau": 1.0, "rel_l2_error": 0.0, "frac_kept": 1.0,
+                                            "accuracy": ft_acc}]))
+                correct[(t, 0.0, r)] = ft_c
+            if not grid:
+                continue
             outcomes: list[torch.Tensor] = []
 
             def evaluate(state_dict, t=t, outcomes=outcomes):
                 c = lab.correct(state_dict, split="test", tasks=[t])[t]
                 outcomes.append(c)
-                return {f"acc_{t}": float(c.float().mean())}
+                return {"accuracy": float(c.float().mean())}
 
             sweep = dare_sweep(tau, ps=grid, rescale=(r,), eval_fn=evaluate,
                                base=lab.base, seed=seed, eval_base=False, name=t)
             # dare_sweep evaluates its grid in order, one call per drop rate
             for p, c in zip(sweep.data["drop_rate"], outcomes):
                 correct[(t, float(p), r)] = c
-            d = sweep.data.assign(rescale=r)
-            if i > 0 and len(grid) < len(ps):
-                d = pd.concat([parts[0][parts[0]["drop_rate"] == 0].assign(rescale=r), d], ignore_index=True)
-                correct[(t, 0.0, r)] = correct[(t, 0.0, rescale[0])]
-            parts.append(d)
-        d = pd.concat(parts, ignore_index=True).rename(columns={f"acc_{t}": "accuracy"})
+            parts.append(sweep.data.assign(rescale=r))
+        d = pd.concat(parts, ignore_index=True)
+        d["drop_rate"] = d["drop_rate"].astype(float)
+        d["rescale"] = d["rescale"].astype(bool)
+        d = d.sort_values(["rescale", "drop_rate"], ascending=[False, True], ignore_index=True)
         d.insert(0, "task", t)
         d["base_accuracy"] = base_acc
         d["finetuned_accuracy"] = ft_acc

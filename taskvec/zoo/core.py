@@ -15,6 +15,7 @@ Modes: ``full`` (the documented numbers), ``fast`` (CI / demo), ``tiny`` (tests:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -240,29 +241,52 @@ def build(name: str = "minilm-tasks", fast=False, *, tiny: bool = False, cache=N
         raise ParameterError(f"head must be one of {HEAD_KINDS}, got {head!r}")
     kind = "lm" if name == "smollm2-toxic" else "encoder"
     root = zoo_root(name, mode, seed, cache, head if kind == "encoder" else "zero-shot")
-    store = ZooCache(root, {"zoo": name, "mode": mode, "seed": seed, "kind": kind})
-    if rebuild:
-        store.manifest["entries"] = {}
-    started = time.time()
-    if os.environ.get("TASKVEC_NO_PROGRESS", "") not in ("", "0"):  # transformers' own load/save bars too
-        from transformers.utils import logging as hf_logging
+    with _build_lock(root):  # two builds of one zoo (two notebooks, a test run) take turns, never interleave
+        store = ZooCache(root, {"zoo": name, "mode": mode, "seed": seed, "kind": kind})
+        if rebuild:
+            store.manifest["entries"] = {}
+        started = time.time()
+        if os.environ.get("TASKVEC_NO_PROGRESS", "") not in ("", "0"):  # transformers' own load/save bars too
+            from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-    threads = torch.get_num_threads()
-    # one thread: identical weights on every machine whatever its core count (and no oversubscription
-    # on shared CPUs); restored afterwards
-    torch.set_num_threads(1)
-    try:
-        if kind == "encoder":
-            _build_encoder(store, mode, seed, head)
-        else:
-            _build_lm(store, mode, seed)
-    finally:
-        torch.set_num_threads(threads)
-    store.manifest["last_build_seconds"] = round(time.time() - started, 1)
-    store.manifest["rebuilt"] = store.rebuilt
-    store.write()
+            hf_logging.disable_progress_bar()
+        threads = torch.get_num_threads()
+        # one thread: identical weights on every machine whatever its core count (and no oversubscription
+        # on shared CPUs); restored afterwards
+        torch.set_num_threads(1)
+        try:
+            if kind == "encoder":
+                _build_encoder(store, mode, seed, head)
+            else:
+                _build_lm(store, mode, seed)
+        finally:
+            torch.set_num_threads(threads)
+        store.manifest["last_build_seconds"] = round(time.time() - started, 1)
+        store.manifest["rebuilt"] = store.rebuilt
+        store.write()
     return Zoo(name, mode, root, store.manifest)
+
+
+@contextlib.contextmanager
+def _build_lock(root: Path):
+    """An exclusive lock on `root` for the whole build (POSIX flock; released if the process dies). A second
+    build of the same zoo waits, then finds the entries the first one made and reuses them."""
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): builds are not serialised
+        yield
+        return
+    with open(root / ".build.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"taskvec.zoo: waiting for another build of {root} to finish ...", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def list_zoos(cache=None) -> list[dict]:
