@@ -22,6 +22,23 @@ import torch
 from taskvec.errors import ParameterError
 
 
+def _save_atomic(obj, path) -> None:
+    """torch.save into a temporary file beside `path`, renamed into place (readers never see half a file)."""
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def _subset(n: int, limit: int | None, seed: int) -> list[int]:
     if limit is None or limit >= n:
         return list(range(n))
@@ -140,17 +157,49 @@ class ZooLab:
     @functools.lru_cache(maxsize=None)
     def reference_correct(self, which: str, split: str = "test") -> dict[str, torch.Tensor]:
         """Per-example outcomes of a reference model (cached): ``"base"`` on every task, ``"finetuned"``
-        (each task's own fine-tune on its task), ``"multitask"`` (the jointly fine-tuned model, when the zoo has one)."""
+        (each task's own fine-tune on its task), ``"multitask"`` (the jointly fine-tuned model, when the zoo has one).
+
+        Also cached on disk in the zoo folder, keyed by everything they depend on (weight hashes, head and data
+        files, evaluation subset), so notebooks opened one after another evaluate the references once."""
+        if which not in ("base", "finetuned", "multitask"):
+            raise ParameterError(f"reference must be 'base', 'finetuned' or 'multitask', got {which!r}")
+        path = self._reference_cache_path(which, split)
+        if path is not None and path.is_file():
+            try:
+                cached = torch.load(path, weights_only=True)
+                if isinstance(cached, dict) and all(isinstance(v, torch.Tensor) for v in cached.values()):
+                    return cached
+            except Exception:  # unreadable (e.g. a truncated file): evaluate again and overwrite it
+                pass
         if which == "base":
-            return self.correct(None, split=split, tasks=self.all_tasks)
-        if which == "finetuned":
+            out = self.correct(None, split=split, tasks=self.all_tasks)
+        elif which == "finetuned":
             out = {}
             for t in self.tasks:
                 out.update(self.correct(self.finetuned(t), split=split, tasks=[t]))
-            return out
-        if which == "multitask":
-            return self.correct(self.multitask(), split=split, tasks=self.all_tasks)
-        raise ParameterError(f"reference must be 'base', 'finetuned' or 'multitask', got {which!r}")
+        else:
+            out = self.correct(self.multitask(), split=split, tasks=self.all_tasks)
+        if path is not None:
+            _save_atomic(out, path)
+        return out
+
+    def _reference_cache_path(self, which: str, split: str):
+        import hashlib
+        import json
+
+        entries = self.zoo.manifest.get("entries")
+        if not entries:
+            return None
+        keys = ["base"] + [f"heads/{t}" for t in self.all_tasks] + [f"data/{t}" for t in self.all_tasks]
+        keys += {"finetuned": [f"models/{t}" for t in self.tasks], "multitask": ["models/multitask"]}.get(which, [])
+        try:
+            deps = {k: (entries[k].get("weights_hash"), entries[k]["files"]) for k in keys}
+        except KeyError:
+            return None
+        limit = self.val_limit if split == "val" else self.limit
+        key = json.dumps({"which": which, "split": split, "limit": limit, "seed": self.seed,
+                          "max_length": self.max_length, "deps": deps}, sort_keys=True)
+        return self.zoo.root / "eval-cache" / f"{which}-{split}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
 
     def _reference(self, which: str, split: str) -> dict[str, float]:
         return {t: float(c.float().mean()) for t, c in self.reference_correct(which, split).items()}
