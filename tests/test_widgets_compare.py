@@ -139,6 +139,12 @@ def test_accuracy_path_evaluates_shared_endpoints_once(lab):
     # moving towards t1 helps t1
     lin = b[b["method"] == "linear"].set_index("t")
     assert lin.loc[1.0, "acc_t1"] > lin.loc[0.0, "acc_t1"]
+    # per-example outcomes of every point, for paired intervals; the endpoints are the shared ones
+    correct = b.attrs["correct"]
+    assert set(correct) == {("task_vectors", m, t) for m in ("linear", "slerp") for t in (0.0, 0.5, 1.0)}
+    for r in b.itertuples():
+        assert float(correct[(r.space, r.method, r.t)]["t1"].float().mean()) == pytest.approx(r.acc_t1)
+    assert correct[("task_vectors", "linear", 0.0)] is a.attrs["correct"][("weights", "slerp", 0.0)]
 
 
 def test_plots_of_paths_are_labelled(lab):

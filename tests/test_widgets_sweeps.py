@@ -365,3 +365,60 @@ def test_zoo_trim_and_dare_point(zoo_lab):
     df = sweeps.dare_curve(lab, tasks=[task], ps=(0.0, 0.9), rescale=(True,))
     assert df.loc[df["drop_rate"] == 0.0, "accuracy"].item() == pytest.approx(lab.finetuned_accuracy()[task])
     assert df.loc[df["drop_rate"] == 0.9, "frac_kept"].item() == pytest.approx(0.1, abs=0.01)
+
+
+# ------------------------------------------------------------------ DARE: per-example outcomes and subsets
+
+def test_dare_curve_keeps_outcomes_and_paired_differences(lab):
+    df = sweeps.dare_curve(lab, tasks=["task0", "task1"], ps=(0.0, 0.5, 0.9))
+    correct = df.attrs["correct"]
+    for t in ("task0", "task1"):
+        for p in (0.0, 0.5, 0.9):
+            for r in (True, False):
+                row = df[(df["task"] == t) & (df["drop_rate"] == p) & (df["rescale"] == r)]
+                assert float(correct[(t, p, r)].float().mean()) == pytest.approx(row["accuracy"].item())
+        # p = 0 is the fine-tuned model itself, not evaluated again
+        assert correct[(t, 0.0, True)] is correct[(t, "finetuned")]
+    same = sweeps.dare_difference(df, (0.0, True), "finetuned")
+    assert same.estimate == 0 and same.low == 0 and same.high == 0
+    # the estimate is the difference of the mean normalised accuracies (on the fake, drop-only stays closer to
+    # θ_task than the rescaled τ̃, whose error grows as p/(1−p): the sign is the fake's, not DARE's)
+    gap = sweeps.dare_difference(df, (0.9, True), (0.9, False))
+    at = df.set_index(["rescale", "drop_rate"]).sort_index()
+    expected = at.loc[(True, 0.9), "normalized"].mean() - at.loc[(False, 0.9), "normalized"].mean()
+    assert gap.estimate == pytest.approx(expected, abs=1e-6) and gap.excludes_zero
+    assert gap.low <= gap.estimate <= gap.high
+    assert sweeps.dare_difference(df, "finetuned", "base").low > 0
+    with pytest.raises(ParameterError, match="no point"):
+        sweeps.dare_difference(df, (0.99, True), (0.0, True))
+    with pytest.raises(ParameterError, match="dare_curve"):
+        sweeps.dare_difference(pd.DataFrame({"task": ["task0"]}), (0.0, True), "base")
+
+
+def test_task_subset_restricts_merges_and_references():
+    lab = FakeLab(n_tasks=3, seed=2)
+    sub = sweeps.task_subset(lab, ["task0", "task2"])
+    assert sub.tasks == ["task0", "task2"] and lab.tasks == ["task0", "task1", "task2"]
+    assert sweeps.task_subset(lab, None) is lab and sweeps.task_subset(lab, lab.tasks) is lab
+    assert set(sub.reference_correct("finetuned")) == {"task0", "task2"}
+    with pytest.raises(ParameterError):
+        sweeps.task_subset(lab, ["task0", "nope"])
+    df = sweeps.dare_merges(sub, p=0.5, density=0.5, ta_lambdas=(0.5,), pairs=("task_arithmetic",))
+    assert list(df["method"]) == ["task arithmetic", "dare_linear (p = 0.5)"]
+    assert set(df.attrs["correct"]) == set(df["method"])
+    assert set(df.attrs["correct"]["task arithmetic"]) == {"task0", "task2"}
+    diffs = sweeps.method_differences(sub, df, [("dare_linear (p = 0.5)", "task arithmetic")])
+    assert diffs.loc[0, "verdict"] in ("a > b", "a < b", "within noise")
+    with pytest.raises(ParameterError, match="pairs"):
+        sweeps.dare_merges(sub, pairs=("slerp",))
+
+
+def test_delta_range_counts_both_published_bounds():
+    lab = FakeLab(n_tasks=1, seed=3, scale=1e-4)   # every delta far below 0.002
+    k = FLOAT_KEYS[1]
+    lab._ft["task0"][k] = lab.base[k].clone()
+    lab._ft["task0"][k][0] += 0.003   # above the ICML text's 0.002, below the README's 0.005
+    df = sweeps.delta_range(lab).set_index("task")
+    n = sum(lab.base[x].numel() for x in FLOAT_KEYS)
+    assert df.loc["task0", "frac_above_0.005"] == 0.0
+    assert df.loc["task0", "frac_above_0.002"] == pytest.approx(1 / n)

@@ -126,21 +126,28 @@ def accuracy_path(lab, a: str, b: str, ts: Sequence[float], *, space: str = "wei
     """Accuracy on both endpoint tasks along t, for each method (tidy: one row per method and t).
 
     t = 0 and t = 1 are the fine-tuned models themselves whatever the method or space: they are evaluated
-    once and kept in `endpoints` (pass the same dict to several calls to share them)."""
-    rows = []
+    once and kept in `endpoints` (pass the same dict to several calls to share them). The per-example
+    outcomes are kept in ``df.attrs["correct"]``: {(space, method, t): {task: bool tensor}}, for paired
+    intervals between points of the path (or against a reference on the same examples)."""
+    rows, correct = [], {}
     endpoints = {} if endpoints is None else endpoints
     for method in methods:
         for t in ts:
             if float(t) in (0.0, 1.0):
                 key = (a, b, split, float(t))
                 if key not in endpoints:
-                    endpoints[key] = lab.accuracy(lab.finetuned(b if t else a), split=split, tasks=[a, b])
-                acc = endpoints[key]
+                    endpoints[key] = lab.correct(lab.finetuned(b if t else a), split=split, tasks=[a, b])
+                outcomes = endpoints[key]
             else:
-                acc = lab.accuracy(interpolate(lab, a, b, t, method=method, space=space), split=split, tasks=[a, b])
+                outcomes = lab.correct(interpolate(lab, a, b, t, method=method, space=space), split=split,
+                                       tasks=[a, b])
+            correct[(space, method, float(t))] = outcomes
+            acc = {task: float(c.float().mean()) for task, c in outcomes.items()}
             rows.append({"space": space, "method": method, "t": float(t), f"acc_{a}": acc[a], f"acc_{b}": acc[b],
                          "mean_accuracy": (acc[a] + acc[b]) / 2})
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    df.attrs["correct"] = correct
+    return df
 
 
 def plot_norm_paths(norms: Mapping[str, pd.DataFrame], title: str = "Weight norm along the path"):
@@ -480,7 +487,7 @@ def plot_method_table(table: pd.DataFrame, tasks: Sequence[str], finetuned: Mapp
                 v = norm[i, j]
                 hx.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
                         color="black" if v > (vmin + vmax) / 2 else "white")
-        hx.set_xticks(range(len(tasks)), tasks)
+        hx.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
         hx.set_yticks(y, [""] * len(df))
         hx.set_title("normalised accuracy per task", fontsize=10)
         fig.colorbar(im, ax=hx, fraction=0.04, pad=0.02, label="acc / fine-tuned acc")
@@ -505,7 +512,7 @@ def method_view(table: pd.DataFrame, method: str, tasks: Sequence[str], control:
                 continue
             vals = [rows.loc[row].get(f"acc_{n}", np.nan) for n in names]
             ax.bar(x + (i - 1) * width, vals, width, color=color, label=label)
-        ax.set_xticks(x, [n + (" (control)" if n in control else "") for n in names])
+        ax.set_xticks(x, [n + (" (control)" if n in control else "") for n in names], rotation=30, ha="right")
         ax.set_ylim(0, 1.18)
         ax.set_ylabel("test accuracy")
         r = rows.loc[method]
@@ -577,7 +584,7 @@ def plot_passthrough(table: pd.DataFrame, title: str = "Depth up-scaling before 
         for i, col in enumerate(table.columns):
             ax.bar(x + (i - (table.shape[1] - 1) / 2) * width, table[col].to_numpy(dtype=float), width,
                    color=("0.65", "C4", "C2", "C1")[i % 4], label=col)
-        ax.set_xticks(x, names)
+        ax.set_xticks(x, names, rotation=30, ha="right")
         ax.set_ylim(0, 1.18)
         ax.set_ylabel("test accuracy (frozen heads)")
         ax.set_title(title)

@@ -696,15 +696,21 @@ def plot_dare_curve(df: pd.DataFrame):
 
 def dare_merges(lab, p: float = 0.9, density: float = 0.2, ties_lambdas: Sequence[float] = TIES_LAMBDAS,
                 ta_lambdas: Sequence[float] = TASK_ARITHMETIC_LAMBDAS, seed: int = 0, *,
-                search_dare_lambda: bool = True) -> pd.DataFrame:
+                search_dare_lambda: bool = True, pairs: Sequence[str] = ("task_arithmetic", "ties")) -> pd.DataFrame:
     """dare_linear and dare_ties at drop rate p next to task arithmetic and TIES (k = density), all tasks.
 
     dare_linear = DARE then task arithmetic (λ grid of task arithmetic); dare_ties = DARE then TIES'
     election and disjoint mean (λ grid of TIES). search_dare_lambda=False gives each DARE merge the λ its
     plain counterpart got on validation (DARE's rescale keeps E[τ̃] = τ, so the same λ applies; fewer
-    evaluations)."""
+    evaluations). The test outcomes of every row are kept in ``df.attrs["correct"]`` (`method_differences`).
+    `pairs` picks the (plain, DARE) pairs: "task_arithmetic" (with dare_linear) and/or "ties" (with dare_ties).
+    To merge only some of the lab's tasks, pass ``task_subset(lab, tasks)``."""
     plain = {"task_arithmetic": ("task arithmetic", {}, ta_lambdas),
              "ties": (f"TIES (k = {density:g})", {"density": density}, ties_lambdas)}
+    pairs = list(pairs)
+    if not pairs or any(m not in plain for m in pairs) or len(set(pairs)) != len(pairs):
+        raise ParameterError(f"pairs must list distinct entries of {list(plain)}, got {pairs}")
+    plain = {m: plain[m] for m in pairs}
     dare = {"task_arithmetic": ("dare_linear", f"dare_linear (p = {p:g})"),
             "ties": ("dare_ties", f"dare_ties (p = {p:g})")}
     frames = []
@@ -714,7 +720,10 @@ def dare_merges(lab, p: float = 0.9, density: float = 0.2, ties_lambdas: Sequenc
         merged = lab.merge(dare_method, lam=1.0, p=p, seed=seed)
         dare_lambdas = lambdas if search_dare_lambda else (float(row["lambda"].iloc[0]),)
         frames += [row, evaluate_methods(lab, {dare_label: (scaled(lab, delta_of(lab, merged)), dare_lambdas)})]
-    return pd.concat(frames, ignore_index=True)
+    df = pd.concat(frames, ignore_index=True)
+    # the per-example test outcomes of every row, for `method_differences` / `with_references`
+    df.attrs["correct"] = {k: v for f in frames for k, v in f.attrs.get("correct", {}).items()}
+    return df
 
 
 def dare_view(lab, task: str, p: float = 0.9, seed: int = 0):
