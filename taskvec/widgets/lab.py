@@ -53,7 +53,7 @@ class ZooLab:
         if zoo.kind != "encoder":
             raise ParameterError(f"ZooLab needs an encoder zoo (accuracy per task); {zoo.name!r} is a {zoo.kind} zoo")
         self.zoo = zoo
-        self.limit = limit  # examples per task on the test (and shift) split; None = all
+        self.limit = limit  # examples per task on the test split; None = all
         self.val_limit = limit if val_limit is None else val_limit  # on the validation split (λ / k choice)
         self.seed = seed
         self.tasks: list[str] = list(zoo.tasks)
@@ -120,7 +120,10 @@ class ZooLab:
     def _examples(self, task: str, split: str):
         data = self._data[task]
         texts, labels = data.texts(split), data.targets(split)
-        keep = _subset(len(texts), self.val_limit if split == "val" else self.limit, self.seed)
+        # limit: test; val_limit: validation; other splits (the distribution-shifted "shift" test set, which only
+        # one task has) are used whole: they are small, and the shift effect needs their precision
+        limit = {"val": self.val_limit, "test": self.limit}.get(split)
+        keep = _subset(len(texts), limit, self.seed)
         return [texts[i] for i in keep], [labels[i] for i in keep]
 
     def labels(self, task: str, split: str = "test") -> list[int]:
@@ -196,7 +199,7 @@ class ZooLab:
             deps = {k: (entries[k].get("weights_hash"), entries[k]["files"]) for k in keys}
         except KeyError:
             return None
-        limit = self.val_limit if split == "val" else self.limit
+        limit = {"val": self.val_limit, "test": self.limit}.get(split)
         key = json.dumps({"which": which, "split": split, "limit": limit, "seed": self.seed,
                           "max_length": self.max_length, "deps": deps}, sort_keys=True)
         return self.zoo.root / "eval-cache" / f"{which}-{split}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
