@@ -237,6 +237,21 @@ def _candidates(label: str, spec) -> list[tuple[dict, WeightsFor | None, tuple, 
                          f"or a state dict, got {type(spec).__name__}")
 
 
+def _test_columns(lab, outcomes: Mapping[str, torch.Tensor], ft: Mapping[str, float], n_boot: int, seed: int) -> dict:
+    """A model's test columns from its per-example outcomes: mean normalised accuracy with its interval
+    (stratified bootstrap), mean absolute accuracy, acc_<task> (fine-tuned and control tasks), norm_<task>."""
+    from taskvec.eval.intervals import mean_accuracy_interval
+
+    acc = {t: float(c.float().mean()) for t, c in outcomes.items()}
+    norm = lab.normalized({t: acc[t] for t in lab.tasks})
+    iv = mean_accuracy_interval({t: outcomes[t] for t in lab.tasks}, normalizer={t: ft[t] for t in lab.tasks},
+                                n_boot=n_boot, seed=seed)
+    return {"normalized_accuracy": iv.estimate, "low": iv.low, "high": iv.high,
+            "absolute_accuracy": _mean(acc, lab.tasks),
+            **{f"acc_{t}": acc[t] for t in lab.tasks + lab.control if t in acc},
+            **{f"norm_{t}": norm[t] for t in lab.tasks}}
+
+
 def evaluate_methods(lab, methods: Mapping[str, object], *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """One row per method: hyperparameters chosen on validation (mean normalised accuracy over the tasks),
     test accuracy with a 95 % interval. The one engine behind every method table of the notebooks and demo.
@@ -249,8 +264,6 @@ def evaluate_methods(lab, methods: Mapping[str, object], *, n_boot: int = 1000, 
     Columns: method, lambda, [params], val_normalized, normalized_accuracy with low/high (stratified bootstrap
     over each task's test examples), absolute_accuracy, acc_<task> (fine-tuned and control tasks), norm_<task>.
     The test outcomes of every row are kept in ``df.attrs["correct"]`` for `method_differences`."""
-    from taskvec.eval.intervals import mean_accuracy_interval
-
     ft = lab.finetuned_accuracy()
     rows, correct = [], {}
     for label, spec in progress(methods.items(), desc="methods", total=len(methods)):
@@ -271,14 +284,8 @@ def evaluate_methods(lab, methods: Mapping[str, object], *, n_boot: int = 1000, 
             weights = weights_for(lam)
         outcomes = lab.correct(weights, split="test", tasks=lab.tasks + lab.control)
         correct[label] = outcomes
-        acc = {t: float(c.float().mean()) for t, c in outcomes.items()}
-        norm = lab.normalized({t: acc[t] for t in lab.tasks})
-        iv = mean_accuracy_interval({t: outcomes[t] for t in lab.tasks}, normalizer={t: ft[t] for t in lab.tasks},
-                                    n_boot=n_boot, seed=seed)
         rows.append({"method": label, "lambda": lam, **params, "val_normalized": val_score,
-                     "normalized_accuracy": iv.estimate, "low": iv.low, "high": iv.high,
-                     "absolute_accuracy": _mean(acc, lab.tasks),
-                     **{f"acc_{t}": acc[t] for t in lab.tasks + lab.control}, **{f"norm_{t}": norm[t] for t in lab.tasks}})
+                     **_test_columns(lab, outcomes, ft, n_boot, seed)})
     df = pd.DataFrame(rows)
     df.attrs["correct"] = correct
     return df
@@ -313,8 +320,6 @@ def method_differences(lab, table: pd.DataFrame, pairs: Sequence[tuple[str, str]
 def reference_rows(lab, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """The base θ₀, the multi-task model (when the zoo has one) and the fine-tuned models (each on its own
     task) in `evaluate_methods`' columns."""
-    from taskvec.eval.intervals import mean_accuracy_interval
-
     ft = lab.finetuned_accuracy()
     refs = [("base θ₀ (no merge)", "base")]
     if getattr(lab, "has_multitask", False):
@@ -324,15 +329,8 @@ def reference_rows(lab, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     for label, which in refs:
         outcomes = lab.reference_correct(which, "test")
         correct[label] = outcomes
-        acc = {t: float(c.float().mean()) for t, c in outcomes.items()}
-        norm = lab.normalized({t: acc[t] for t in lab.tasks})
-        iv = mean_accuracy_interval({t: outcomes[t] for t in lab.tasks}, normalizer={t: ft[t] for t in lab.tasks},
-                                    n_boot=n_boot, seed=seed)
         rows.append({"method": label, "lambda": None, "val_normalized": None,
-                     "normalized_accuracy": iv.estimate, "low": iv.low, "high": iv.high,
-                     "absolute_accuracy": _mean(acc, lab.tasks),
-                     **{f"acc_{t}": acc[t] for t in lab.tasks + lab.control if t in acc},
-                     **{f"norm_{t}": norm[t] for t in lab.tasks}})
+                     **_test_columns(lab, outcomes, ft, n_boot, seed)})
     df = pd.DataFrame(rows)
     df.attrs["correct"] = correct
     return df
