@@ -4,8 +4,9 @@
   of the Fisher information, estimated per example (the square of a batch gradient is not it).
   mode="sampled": y drawn from the model's own prediction (the true Fisher);
   mode="empirical": y = the data's label (the "empirical Fisher").
-- RegMean (Jin et al.): for every linear layer, G = X^T X, the Gram matrix of that layer's inputs
-  on the model's own data, gathered with forward hooks. nn.Linear weight is [out, in], G is [in, in].
+- RegMean (Jin et al.): for every linear layer, G = X^T X / N, the mean Gram matrix of that layer's
+  inputs on the model's own data (as the reference code), gathered with forward hooks. nn.Linear weight
+  is [out, in], GPT-2's Conv1D weight [in, out]; G is [in, in].
 
 `data` is an iterable of batches: dicts of tensors passed as `model(**batch)` (a "labels" entry is
 held back and used as y in empirical mode), or (inputs, labels) pairs. The model's output is logits
@@ -120,21 +121,54 @@ def fisher_diagonal(model: nn.Module, data: Iterable, n_samples: int, mode: str 
     return {n: f / seen for n, f in fisher.items()}
 
 
+class RegMeanGrams(dict):
+    """{weight name: Gram matrix [in, in]}, plus `transposed`: the names whose weight is stored [in, out]
+    (GPT-2's Conv1D), which `regmean_merge` must be told about (`transposed=True`)."""
+
+    def __init__(self, grams=(), transposed=()):
+        super().__init__(grams)
+        self.transposed = frozenset(transposed)
+
+
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers absent or reorganised: no Conv1D layers to find
+        return None
+    return Conv1D
+
+
+def _linear_layers(model: nn.Module) -> tuple[dict[str, nn.Module], set[str]]:
+    """nn.Linear and GPT-2 Conv1D layers by module name, and the names of the Conv1D ones."""
+    conv1d = _conv1d_class()
+    layers, transposed = {}, set()
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            layers[name] = m
+        elif conv1d is not None and isinstance(m, conv1d):
+            layers[name] = m
+            transposed.add(name)
+    return layers, transposed
+
+
 @torch.no_grad()
 def regmean_grams(model: nn.Module, data: Iterable, *, mask_key: str = "attention_mask",
-                  average: bool = False) -> dict[str, torch.Tensor]:
-    """Gram matrix X^T X of the inputs of every nn.Linear, keyed by that layer's weight name.
+                  average: bool = True) -> RegMeanGrams:
+    """Gram matrix of the inputs of every nn.Linear and GPT-2 Conv1D, keyed by that layer's weight name.
 
-    X stacks the layer's input rows over the whole data ([N, in], sequence positions flattened);
-    padded positions (mask 0) are left out when the batch has an attention mask of matching shape.
-    `average=True` divides by the number of rows (RegMean uses the sum; averaging changes nothing
-    when all models saw as many rows, and keeps magnitudes tame).
+    X stacks the layer's input rows over the whole data ([N, in], sequence positions flattened); padded
+    positions (mask 0) are left out when the batch has an attention mask of matching shape.
+    average=True (default): X^T X / N, the running mean of the reference `compute_grams` (Jin et al.'s
+    code); with unequal amounts of data per model this is what RegMean merges (each model's Gram counts
+    alike, whatever its N). average=False: the sum X^T X, the paper's equation taken literally, which
+    weights each model by its number of rows. Conv1D layers store their weight [in, out]: their names
+    are in the result's `transposed`.
     """
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    if not linears:
-        raise ParameterError(f"{type(model).__name__} has no nn.Linear layer to gather RegMean statistics on")
-    grams = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float32) for name, m in linears.items()}
-    rows = {name: 0 for name in linears}
+    layers, conv = _linear_layers(model)
+    if not layers:
+        raise ParameterError(f"{type(model).__name__} has no nn.Linear or Conv1D layer to gather RegMean statistics on")
+    grams = {name: None for name in layers}
+    rows = {name: 0 for name in layers}
     current_mask: list[torch.Tensor | None] = [None]
 
     def hook_for(name):
@@ -144,11 +178,12 @@ def regmean_grams(model: nn.Module, data: Iterable, *, mask_key: str = "attentio
             if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
                 x = x[mask.bool()]
             x = x.reshape(-1, x.shape[-1])
-            grams[name] += x.T @ x
+            xtx = x.T @ x
+            grams[name] = xtx if grams[name] is None else grams[name] + xtx
             rows[name] += x.shape[0]
         return hook
 
-    handles = [m.register_forward_hook(hook_for(name)) for name, m in linears.items()]
+    handles = [m.register_forward_hook(hook_for(name)) for name, m in layers.items()]
     was_training = model.training
     model.eval()
     try:
@@ -162,4 +197,13 @@ def regmean_grams(model: nn.Module, data: Iterable, *, mask_key: str = "attentio
         model.train(was_training)
     if all(n == 0 for n in rows.values()):
         raise ParameterError("regmean_grams got no data")
-    return {f"{name}.weight": (g / max(rows[name], 1) if average else g) for name, g in grams.items()}
+    def key(name: str) -> str:  # the layer's weight name as named_parameters spells it (root module: "weight")
+        return f"{name}.weight" if name else "weight"
+
+    out = {}
+    for name, m in layers.items():
+        n_in = m.weight.shape[0] if name in conv else m.weight.shape[1]
+        g = grams[name] if grams[name] is not None else torch.zeros(n_in, n_in)
+        # the sum over all rows divided once: the reference's running mean up to rounding
+        out[key(name)] = g / max(rows[name], 1) if average else g
+    return RegMeanGrams(out, {key(name) for name in conv})
