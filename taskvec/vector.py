@@ -337,17 +337,26 @@ class TaskVector(Mapping):
         """θ = θ_base + scaling·τ.
 
         Returns a state dict, or with `out=` writes a model folder (sharded
-        safetensors + config/tokenizer from the base) atomically and returns its path.
-        Tensors without a delta (integer buffers, untouched LoRA modules) are copied.
-        Computed in float32; output dtype = base dtype unless `dtype` is given.
+        safetensors + config/tokenizer from the base) atomically and returns its path:
+        every argument is checked before anything is written, and on any error the
+        staging folder is removed (no partial output).
+        Tensors without a delta (integer buffers, untouched LoRA modules, tensors left
+        out by keys="intersection") are copied. Computed in float32; output dtype = base
+        dtype unless `dtype` (a floating torch dtype or its name, e.g. "bfloat16") is
+        given, which then applies to every float tensor, covered by τ or not.
         """
+        from taskvec.merging import as_dtype
+
         if base is None:
             base = self.base
         if base is None:
             raise ParameterError("apply_to: this task vector doesn't know its base; pass base=")
-        b = open_source(base)
         if not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
             raise ParameterError(f"scaling: must be a finite number, got {scaling!r}")
+        dtype = as_dtype(dtype)
+        if dtype is not None and not dtype.is_floating_point:
+            raise ParameterError(f"dtype: must be a floating-point dtype (float32, bfloat16, ...), got {dtype}")
+        b = open_source(base)
         for k, m in self.metas.items():
             if k not in b.index:
                 raise KeyMismatchError(f"{b.name}: the task vector has a delta for {k!r}, which the base model lacks")
@@ -361,7 +370,9 @@ class TaskVector(Mapping):
 
         def compute(k: str) -> torch.Tensor:
             t = b.get(k)
-            if k not in self.metas:
+            if k not in self.metas:  # no delta: the base tensor, in the output dtype like every other
+                if t.dtype != out_dtype(k):
+                    return t.to(out_dtype(k))
                 return t if out is not None else t.clone()
             d = self[k]  # a fresh float32 tensor: safe to update in place
             if scaling != 1.0:

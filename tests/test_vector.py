@@ -191,3 +191,52 @@ def test_negate_twice_and_scaling_are_linear(pair, lam):
     there = tv.apply_to(base, scaling=lam)
     back = (-tv).apply_to(there, scaling=lam)
     assert torch.allclose(back["p"], base["p"], rtol=1e-5, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# apply_to(dtype=...) and out=: every tensor in the asked dtype, nothing written on failure
+
+PARTIAL_BASE = {"w": torch.tensor([1.0, 2.0, 3.0]), "only_base": torch.tensor([0.1, 0.2]), "pos": torch.tensor([0, 1, 2])}
+PARTIAL_FT = {"w": torch.tensor([1.5, 2.0, 2.0]), "pos": torch.tensor([0, 1, 2])}
+
+
+def test_apply_to_dtype_covers_tensors_without_a_delta():
+    tv = TaskVector.from_models(PARTIAL_BASE, PARTIAL_FT, keys="intersection")
+    assert "only_base" in tv.skipped and "only_base" not in tv
+    out = tv.apply_to(PARTIAL_BASE, dtype=torch.float16)
+    assert out["w"].dtype == out["only_base"].dtype == torch.float16
+    assert torch.equal(out["w"], torch.tensor([1.5, 2.0, 2.0], dtype=torch.float16))
+    assert torch.equal(out["only_base"], PARTIAL_BASE["only_base"].half())
+    assert out["pos"].dtype == torch.int64 and torch.equal(out["pos"], PARTIAL_BASE["pos"])  # buffers keep theirs
+    assert tv.apply_to(PARTIAL_BASE, dtype="bfloat16")["only_base"].dtype == torch.bfloat16  # names as merge()
+    # no dtype: the base's, and a copy (never the caller's tensor)
+    plain = tv.apply_to(PARTIAL_BASE)
+    assert plain["only_base"].dtype == torch.float32 and plain["only_base"] is not PARTIAL_BASE["only_base"]
+
+
+def test_apply_to_out_with_dtype_writes_every_tensor_in_that_dtype(tmp_path):
+    from taskvec.io import open_source
+
+    tv = TaskVector.from_models(PARTIAL_BASE, PARTIAL_FT, keys="intersection")
+    path = tv.apply_to(PARTIAL_BASE, out=tmp_path / "half", dtype=torch.float16)
+    src = open_source(path)
+    assert {k: m.dtype for k, m in src.index.items()} == {"w": torch.float16, "only_base": torch.float16,
+                                                          "pos": torch.int64}
+    assert torch.equal(src.get("only_base"), PARTIAL_BASE["only_base"].half())
+
+
+def test_apply_to_refuses_bad_dtype_before_writing(tmp_path):
+    tv = TaskVector.from_models(PARTIAL_BASE, PARTIAL_FT, keys="intersection")
+    for bad in (torch.int8, "float13"):
+        with pytest.raises(ParameterError, match="dtype"):
+            tv.apply_to(PARTIAL_BASE, out=tmp_path / "out", dtype=bad)
+    assert list(tmp_path.iterdir()) == []  # not even a staging folder
+
+
+def test_apply_to_failing_midway_leaves_no_output(tmp_path):
+    base = {"a": torch.zeros(2), "b": torch.zeros(2)}
+    ft = {"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")])}  # found only when "b" is computed
+    tv = TaskVector.from_models(base, ft)
+    with pytest.raises(CheckpointError, match="'b'.*NaN"):
+        tv.apply_to(base, out=tmp_path / "out", dtype=torch.float16)
+    assert list(tmp_path.iterdir()) == []
