@@ -18,8 +18,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from taskvec._progress import progress as progress_bar
-from taskvec.errors import KeyMismatchError, ParameterError, ShapeMismatchError
+from taskvec.errors import CheckpointError, KeyMismatchError, ParameterError, ShapeMismatchError
 from taskvec.io import ShardedWriter, Source, TensorMeta, open_source
+from taskvec.io.sources import StateDictSource
 from taskvec.methods import MagnitudeSelector, fused, get_method
 
 _DTYPES = {
@@ -88,6 +89,55 @@ def _load(src: Source, key: str, device: str) -> torch.Tensor:
     t = src.get(key)
     # float32 copy made here, in the loader thread: this is what reads the mmapped pages
     return t.to(device=device, dtype=torch.float32, copy=t.dtype == torch.float32 and device == "cpu")
+
+
+def _check_inputs_finite(key: str, pairs: Sequence[tuple[Source, torch.Tensor | None]]) -> None:
+    """A NaN or inf in an input would flow into the merge (or, dropped by DARE, hide): refuse, naming it."""
+    for src, t in pairs:
+        if t is not None and not fused.all_finite(t):
+            raise CheckpointError(f"{src.name}: tensor {key!r} contains NaN or inf; nothing was merged or written")
+
+
+def _check_output_finite(key: str, result: torch.Tensor, method: str, float32_result: Callable[[], torch.Tensor]) -> None:
+    """A non-finite merged tensor is an error: an overflow of the output dtype (the float32 merge is finite)
+    names `dtype`; otherwise the method's parameters produced it from finite inputs."""
+    if fused.all_finite(result):
+        return
+    full = float32_result()
+    if result.dtype != torch.float32 and fused.all_finite(full):
+        peak = float(full.abs().max())
+        limit = torch.finfo(result.dtype).max
+        raise ParameterError(f"dtype: tensor {key!r} of the {method} merge reaches |x| = {peak:.4g}, beyond "
+                             f"{result.dtype}'s largest value {limit:.4g}; write float32 (dtype='float32') or "
+                             "bfloat16, or check the merge parameters; nothing was written")
+    raise ParameterError(f"tensor {key!r}: the {method} merge produced NaN or inf from finite inputs (check its "
+                         "parameters, e.g. lambda and weight); nothing was written")
+
+
+def tied_aliases(ref: Source, others: Sequence[Source], keys: Sequence[str]) -> dict[str, str]:
+    """alias -> first name, for float tensors that are one tensor under two names (tied embeddings).
+
+    Ties are seen in an in-memory reference (a live nn.Module's state dict holds both names of a tied
+    embedding on one storage; `_tied_weights_keys` ties exactly so): same storage, offset, shape and
+    strides. A pair counts only if every other input holds equal values under both names, so a fine-tune
+    that untied them is merged name by name. Files can't tie (safetensors stores one copy): none found.
+    """
+    if not isinstance(ref, StateDictSource):
+        return {}
+    first: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for k in keys:
+        t = ref.get(k)
+        if t.device.type == "meta" or t.numel() == 0:
+            continue
+        sig = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if sig not in first:
+            first[sig] = k
+            continue
+        canon = first[sig]
+        if all(s.get(k).data_ptr() == s.get(canon).data_ptr() or torch.equal(s.get(k), s.get(canon)) for s in others):
+            aliases[k] = canon
+    return aliases
 
 
 def _prefetched(keys: Sequence[str], load: Callable[[str], Any], pool: ThreadPoolExecutor) -> Iterator[tuple[str, Any]]:
@@ -177,6 +227,13 @@ def merge(
     Returns a state dict, or with `out` writes sharded safetensors + index +
     config/tokenizer files from the base folder atomically and returns the path.
     Inputs are never modified and the returned tensors never share memory with them.
+
+    Tied tensors (one storage under two names in the inputs, e.g. the tied input and
+    output embeddings of a live nn.Module) are merged once, so random methods (DARE,
+    DELLA) draw one mask for both names; the returned state dict ties them too.
+    A NaN or inf in an input, or a merged tensor that is not finite in the output
+    dtype (e.g. float32 values beyond float16's range), is an error naming the
+    tensor (and the model), raised before anything is written.
     """
     m = get_method(method)
     if isinstance(models, (str, Path, Source, dict, torch.nn.Module)) or not isinstance(models, Sequence):
@@ -211,38 +268,55 @@ def merge(
     # raw path: stored-dtype CPU tensors go to the method's fused kernel (one pass, no float32 copies);
     # otherwise every input is loaded as a float32 copy (on `device`) for the per-tensor kernel
     raw = device == "cpu" and not align_vocab and m.fused is not None and fused.AVAILABLE
+    inputs = ([base_src] if base_src is not None else []) + model_srcs
+    tied = tied_aliases(ref, [s for s in inputs if s is not ref], float_keys)
+    _TIED = object()
 
     def load(k: str):
         if not ref.index[k].is_float:
             return None
+        if k in tied:
+            return _TIED  # merged once, under its first name
         if raw:
             b = base_src.get(k) if use_base else None
             ts = [s.get(k) for s in model_srcs]
             for t in [b, *ts] if b is not None else ts:
                 fused.warm_pages(t)  # the page reads happen here, in the loader thread
+            _check_inputs_finite(k, [(base_src, b), *zip(model_srcs, ts)])
             return b, ts
         b = _load(base_src, k, device) if (use_base or align_vocab) and base_src is not None else None
         ts = [_load(s, k, device) for s in model_srcs]
+        _check_inputs_finite(k, [(base_src, b), *zip(model_srcs, ts)])
         if align_vocab:
             anchor = b if b is not None else ts[0]
             ts = [_align_rows(t, anchor) for t in ts]
         return b if use_base else None, ts
 
+    tied_results: dict[str, torch.Tensor] = {}
+    canonical = set(tied.values())
+
     def compute(k: str, loaded) -> torch.Tensor:
         if loaded is None:  # integer / bool buffer: the base's copy
             return ref.get(k).clone()
+        if loaded is _TIED:
+            return tied_results[tied[k]]
         b, ts = loaded
         if raw:
-            return m.merge_fast(b, ts, name=k, checked=checked, out_dtype=target_dtype(k))
-        merged = m.merge_checked(b, ts, name=k, checked=checked)
-        return merged.to(device="cpu", dtype=target_dtype(k))
+            result = m.merge_fast(b, ts, name=k, checked=checked, out_dtype=target_dtype(k))
+            _check_output_finite(k, result, m.name, lambda: m.merge_checked(b, ts, name=k, checked=checked))
+        else:
+            merged = m.merge_checked(b, ts, name=k, checked=checked)
+            result = merged.to(device="cpu", dtype=target_dtype(k))
+            _check_output_finite(k, result, m.name, lambda: merged)
+        if k in canonical:
+            tied_results[k] = result
+        return result
 
     bar_kw = dict(desc=f"merge ({m.name})", total=len(keys), disable=None if progress else True)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskvec-load") as loader:
         if out is None:
             return {k: compute(k, v) for k, v in progress_bar(_prefetched(keys, load, loader), **bar_kw)}
         metas = {k: TensorMeta(ref.index[k].shape, target_dtype(k)) for k in keys}
-        inputs = ([base_src] if base_src is not None else []) + model_srcs
         with ShardedWriter(out, metas, max_shard_size=max_shard_size, inputs=inputs, overwrite=overwrite) as w:
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskvec-write") as writer:
                 pending = None

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.helpers import perturbed, save_model, tiny_bert, tiny_llama
-from taskvec.errors import KeyMismatchError, OutputError, ParameterError, ShapeMismatchError
+from taskvec.errors import CheckpointError, KeyMismatchError, OutputError, ParameterError, ShapeMismatchError
 from taskvec.io import open_source
 from taskvec.merging import layer_index, merge, passthrough
 from taskvec.methods import get_method
@@ -48,6 +48,114 @@ def test_ties_merge_of_saved_models_loads_and_runs(llamas, tmp_path, hash_tree):
     k = "model.layers.1.mlp.up_proj.weight"
     ref = get_method("ties").merge_tensor(b.get(k), [f1.get(k), f2.get(k)], name=k, density=0.3)
     assert torch.equal(model.state_dict()[k], ref.to(model.state_dict()[k].dtype))
+
+
+def test_ties_whole_model_matches_a_hand_derived_reference():
+    """TIES through merge() on 3-entry tensors, every step worked out by hand (density 0.67 keeps k = 2 of 3)."""
+    base = {"w": torch.tensor([1.0, 2.0, 3.0])}
+    fts = [{"w": base["w"] + torch.tensor([0.5, -2.0, 1.0])},   # trim -> [0, -2, 1]
+           {"w": base["w"] + torch.tensor([-3.0, 1.0, 0.5])}]   # trim -> [-3, 1, 0]
+    # elect sign(sum) = sign([-3, -1, 1]) = [-, -, +]; agreeing entries: [{-3}, {-2}, {1}]
+    # disjoint mean [-3, -2, 1]; theta = base + 0.5 * that
+    out = merge(base, fts, "ties", density=0.67, progress=False, **{"lambda": 0.5})
+    assert torch.allclose(out["w"], torch.tensor([-0.5, 1.0, 3.5]), atol=1e-7)
+    # paper weights [2, 1]: the same (unweighted) election, agreeing entries scaled: [-3, -4, 2] / [1, 1, 1]
+    out = merge(base, fts, "ties", density=0.67, weight=[2.0, 1.0], progress=False, **{"lambda": 0.5})
+    assert torch.allclose(out["w"], torch.tensor([-0.5, 0.0, 4.0]), atol=1e-7)
+    # mergekit weights [2, 1]: weighted [0, -4, 2], [-3, 1, 0] vote [-3, -3, 2]; sums [-3, -4, 2] divided by
+    # the agreeing weights [1, 2, 2] -> [-3, -2, 1]
+    out = merge(base, fts, "ties", density=0.67, weight=[2.0, 1.0], semantics="mergekit", progress=False,
+                **{"lambda": 0.5})
+    assert torch.allclose(out["w"], torch.tensor([-0.5, 1.0, 3.5]), atol=1e-7)
+
+
+def _no_output_left(path: Path) -> bool:
+    return not path.exists() and not list(path.parent.glob(f".{path.name}*"))
+
+
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.5}), ("model_stock", {}), ("linear", {})])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_or_inf_in_an_input_is_an_error_naming_the_file_and_tensor(tmp_path, llamas, method, params, bad,
+                                                                       hash_tree):
+    k = "model.layers.1.mlp.up_proj.weight"
+    src = open_source(llamas["ft2"])
+    sd_bad = {name: src.get(name).clone() for name in src.keys()}
+    sd_bad[k].view(-1)[7] = bad
+    corrupt = save_model_dict(sd_bad, tmp_path / "corrupt", llamas["ft2"])
+    others = [llamas["ft1"], corrupt] + ([llamas["ft1"]] if method == "model_stock" else [])
+    before = hash_tree(corrupt)
+    with pytest.raises(CheckpointError, match=f"corrupt.*{k}.*NaN or inf"):
+        merge(llamas["base"], others, method, out=tmp_path / "merged", progress=False, **params)
+    assert _no_output_left(tmp_path / "merged") and hash_tree(corrupt) == before
+    with pytest.raises(CheckpointError, match=k):  # the in-memory result path too
+        merge(llamas["base"], others, method, progress=False, **params)
+
+
+def save_model_dict(sd: dict, folder: Path, like: Path) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file(sd, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text((Path(like) / "config.json").read_text())
+    return folder
+
+
+def test_output_dtype_overflow_is_an_error_naming_dtype_and_tensor(tmp_path):
+    base = {"small": torch.ones(3), "big": torch.tensor([1.0, 2.0, 3.0])}
+    ft = {"small": torch.ones(3) * 2, "big": torch.tensor([1.0, 2.0, 1e5])}  # 1e5 > float16's 65504
+    with pytest.raises(ParameterError, match=r"dtype: tensor 'big'.*1e\+05.*float16"):
+        merge(base, [ft], "task_arithmetic", dtype="float16", out=tmp_path / "m", progress=False)
+    assert _no_output_left(tmp_path / "m")
+    merged = merge(base, [ft], "task_arithmetic", dtype="bfloat16", progress=False)  # bf16 has float32's range
+    assert torch.isfinite(merged["big"]).all()
+    # a non-finite result from finite inputs (lambda overflowing float32) names the tensor too
+    with pytest.raises(ParameterError, match="tensor 'big'.*NaN or inf from finite inputs"):
+        merge(base, [ft], "task_arithmetic", progress=False, **{"lambda": 1e35})
+
+
+class _Tied(torch.nn.Module):
+    """An embedding tied to the output head, as transformers ties them (`_tied_weights_keys`)."""
+
+    _tied_weights_keys = ["head.weight"]
+
+    def __init__(self, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.emb = torch.nn.Embedding(40, 30)
+        self.head = torch.nn.Linear(30, 40, bias=False)
+        self.head.weight = self.emb.weight
+        with torch.no_grad():
+            self.emb.weight.copy_(torch.randn(40, 30, generator=g))
+        self.norm = torch.nn.Parameter(torch.ones(30))
+
+
+@pytest.mark.parametrize("method,params", [("dare_linear", {"p": 0.5}), ("della", {"density": 0.5}),
+                                           ("dare_ties", {"p": 0.3})])
+def test_tied_embeddings_are_merged_once(tmp_path, method, params):
+    base, ft1, ft2 = _Tied(0), _Tied(1), _Tied(2)
+    with torch.no_grad():
+        ft1.emb.weight.copy_(base.emb.weight + 0.1 * ft1.emb.weight)
+        ft2.emb.weight.copy_(base.emb.weight + 0.1 * ft2.emb.weight)
+    out = merge(base, [ft1, ft2], method, progress=False, **params)
+    assert torch.equal(out["emb.weight"], out["head.weight"])
+    assert not torch.equal(out["emb.weight"], base.emb.weight)  # something was merged
+    # the merged module keeps the tie when loaded; and the file output holds one value under both names
+    target = _Tied(9)
+    target.load_state_dict(out)
+    assert target.head.weight is target.emb.weight
+    folder = merge(base, [ft1, ft2], method, out=tmp_path / "m", progress=False, **params)
+    saved = open_source(folder)
+    assert torch.equal(saved.get("emb.weight"), saved.get("head.weight"))
+    assert torch.equal(saved.get("emb.weight"), out["emb.weight"])
+
+
+def test_untied_fine_tune_is_merged_name_by_name():
+    base = _Tied(0)
+    sd_ft = {k: v.detach().clone() for k, v in _Tied(1).state_dict().items()}  # clones: two storages
+    sd_ft["head.weight"] = sd_ft["head.weight"] + 1.0  # and different values: not a tie any more
+    out = merge(base, [sd_ft], "dare_linear", p=0.0, progress=False)
+    assert torch.allclose(out["emb.weight"], sd_ft["emb.weight"], atol=1e-6)
+    assert torch.allclose(out["head.weight"], sd_ft["head.weight"], atol=1e-6)
 
 
 def test_merge_of_packaged_minilm_loads_with_transformers(tmp_path):
@@ -263,6 +371,8 @@ def test_fused_kernels_match_the_torch_kernels_bit_for_bit():
         ("dare_ties", dict(p=[0.3, 0.7], weight=[0.7, 0.4], seed=5)),
         ("dare_ties", dict(density=0.4, semantics="mergekit", rescale=False)),
         ("dare_linear", dict(p=0.5, weight=[1.0, 0.5])),
+        ("dare_linear", dict(p=0.5, weight=[1.0, 0.5], rescale="l1")),
+        ("dare_ties", dict(density=[0.4, 0.7], semantics="mergekit")),  # rescale true: mergekit's L1 factor
         ("linear", dict(weight=[0.7, 0.4])),
         ("linear", dict(weight=[1.0, -2.0], normalize=False)),
     ]

@@ -2,7 +2,17 @@
 
     m ~ Bernoulli(p) per entry,   tau_tilde = (1 - m) * tau / (1 - p)
 
-so E[tau_tilde] = tau. Randomness is reproducible per tensor: the generator
+so E[tau_tilde] = tau (the paper's rescale, `rescale=True`, the Python API's default).
+
+mergekit 0.1.5 rescales differently: with `rescale: true` it multiplies the
+survivors of a tensor by ONE factor, ||tau||_1 / ||m_keep * tau||_1, so the
+dropped tensor keeps the L1 norm of tau exactly (`sparsify.rescaled_masked_tensor`
+with `RescaleNorm.l1`). That is `rescale="l1"` here, and what `rescale=True`
+means under `semantics="mergekit"` (every mergekit YAML config). The two agree
+in expectation only roughly: 1/(1-p) is unbiased per entry, the L1 factor is
+exact in norm per tensor and depends on which entries survived.
+
+Randomness is reproducible per tensor: the generator
 for a tensor is seeded from (seed, tensor name) through a stable hash, so a
 merge gives the same result whatever order (or thread) tensors are processed in.
 """
@@ -14,6 +24,7 @@ import math
 import torch
 
 from ..errors import ParameterError
+from .sparsify import check_rescale, rescale_l1
 
 
 def check_drop_rate(p: float, name: str = "p") -> float:
@@ -37,19 +48,25 @@ def dare_drop(
     delta: torch.Tensor,
     p: float,
     *,
-    rescale: bool = True,
+    rescale: bool | str = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Drop each entry of `delta` with probability p; divide survivors by (1 - p) when `rescale`.
+    """Drop each entry of `delta` with probability p and rescale the survivors.
 
+    rescale: True divides survivors by (1 - p) (the paper); "l1" multiplies them by
+    ||delta||_1 / ||survivors||_1 (mergekit's `rescale: true`, see the module
+    docstring); False leaves them as they are. mergekit spells p as `density = 1 - p`.
     Draws come from a CPU generator (then move to delta's device), so the same
     (seed, name) gives the same mask on CPU and GPU. p = 0 returns a copy of delta.
-    mergekit spells this `density = 1 - p` with the same rescale; returns a new float32 tensor.
+    Returns a new float32 tensor.
     """
     p = check_drop_rate(p)
+    mode = check_rescale(rescale)
     x = delta.to(torch.float32)
     keep = torch.rand(x.shape, generator=generator, dtype=torch.float32)
     keep.ge_(p)  # in-place compare keeps float: 1.0 with probability 1 - p
-    if rescale and p > 0:
+    if mode == "l1":
+        return rescale_l1(x * keep.to(x.device), x)
+    if mode and p > 0:
         keep.mul_(1.0 / (1.0 - p))
     return x * keep.to(x.device)

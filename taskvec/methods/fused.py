@@ -287,6 +287,40 @@ if AVAILABLE:
                 _store(out, i, acc, out_bf16)
 
 
+if AVAILABLE:
+    @njit(cache=True)
+    def _count_nonfinite(bits, exponent):
+        """How many entries have every exponent bit set (inf or NaN), from the raw bit patterns; vectorised."""
+        n = 0
+        for i in range(bits.shape[0]):
+            n += (bits[i] & exponent) == exponent
+        return n
+
+
+# float dtype -> (same-width integer dtype, exponent mask as that integer)
+_EXPONENT = {
+    torch.bfloat16: (torch.int16, np.int16(0x7F80)),
+    torch.float16: (torch.int16, np.int16(0x7C00)),
+    torch.float32: (torch.int32, np.int32(0x7F800000)),
+    torch.float64: (torch.int64, np.int64(0x7FF0000000000000)),
+}
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in `t`, checked on the stored bits in one pass without temporaries (numba on CPU);
+    a bf16 isfinite() would cost several times more. Other devices/dtypes: torch."""
+    if t.numel() == 0:
+        return True
+    spec = _EXPONENT.get(t.dtype)
+    if AVAILABLE and spec is not None and t.device.type == "cpu":
+        int_dtype, exponent = spec
+        return _count_nonfinite(t.detach().reshape(-1).view(int_dtype).numpy(), exponent) == 0
+    if t.dtype in (torch.float32, torch.float64):
+        lo, hi = torch.aminmax(t.detach())  # NaN propagates to both
+        return bool(torch.isfinite(lo) and torch.isfinite(hi))
+    return bool(torch.isfinite(t).all())
+
+
 def _as_bits(t: torch.Tensor, bf16: bool) -> np.ndarray:
     """The raw bit patterns of a tensor: uint16 (bf16) or uint32 (float32, converted if needed)."""
     flat = t.detach().reshape(-1)
@@ -379,6 +413,23 @@ def threshold_bits(base, models, shift, ks: list[int | None], nblk: int) -> np.n
     return out
 
 
+def _l1_scales(base: torch.Tensor, tensors: list[torch.Tensor], draws: list[torch.Tensor],
+               drop_rates: list[float]) -> np.ndarray:
+    """Per model, mergekit's L1 rescale factor ||tau||_1 / ||kept tau||_1, computed with the same torch
+    reductions on the same float32 shapes as `dare_drop(rescale="l1")`, so both paths give the same bits.
+    Needs tau in float32 once per model: the L1 norms are whole-tensor quantities."""
+    from .sparsify import l1_rescale_factor
+
+    b = base.to(torch.float32)
+    out = np.ones(len(tensors), np.float32)
+    for j, (t, u, p) in enumerate(zip(tensors, draws, drop_rates)):
+        delta = t.to(torch.float32) - b
+        factor = l1_rescale_factor(delta * u.ge(p).to(torch.float32), delta)
+        if factor is not None:
+            out[j] = factor.item()
+    return out
+
+
 def fused_task_arithmetic(
     base: torch.Tensor,
     tensors: list[torch.Tensor],
@@ -391,9 +442,9 @@ def fused_task_arithmetic(
     count_vote: bool,
     normalize: bool,
     out_dtype: torch.dtype,
-    dare: tuple[list[float], bool, list[torch.Generator]] | None = None,
+    dare: tuple[list[float], bool | str, list[torch.Generator]] | None = None,
 ) -> torch.Tensor | None:
-    """Sparsify (magnitude trim, or DARE with `dare` = (drop rates, rescale, generators)) +
+    """Sparsify (magnitude trim, or DARE with `dare` = (drop rates, rescale True/False/"l1", generators)) +
     combine + scale + add in fused passes; None when not applicable (numba missing, non-CPU
     tensors, small tensors, unusual dtypes): the caller then runs the torch path."""
     from .sparsify import keep_count
@@ -419,10 +470,13 @@ def fused_task_arithmetic(
         return None  # the torch path raises (paper) or leaves the sum undivided (mergekit)
     if dare is not None:  # the same uniform draws as dare_drop: torch.rand from each model's generator
         drop_rates, rescale, generators = dare
-        uniforms = tuple(torch.rand(base.shape, generator=g, dtype=torch.float32).reshape(-1).numpy()
-                         for g in generators)
+        draws = [torch.rand(base.shape, generator=g, dtype=torch.float32) for g in generators]
+        uniforms = tuple(u.reshape(-1).numpy() for u in draws)
         drops = np.asarray(drop_rates, np.float32)
-        scales = np.array([1.0 / (1.0 - p) if rescale and p > 0 else 1.0 for p in drop_rates], np.float32)
+        if rescale == "l1":
+            scales = _l1_scales(base, tensors, draws, drop_rates)
+        else:
+            scales = np.array([1.0 / (1.0 - p) if rescale and p > 0 else 1.0 for p in drop_rates], np.float32)
     else:
         uniforms = tuple(np.empty(0, np.float32) for _ in ms)
         drops = scales = np.zeros(len(ms), np.float32)

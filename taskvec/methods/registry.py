@@ -20,14 +20,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..errors import ParameterError
+from ..errors import ParameterError, ShapeMismatchError
 from .arithmetic import linear_average
 from .dare import dare_drop, tensor_generator
 from .model_stock import model_stock
 from .slerp import slerp
-from .sparsify import della_magprune, trim_breadcrumbs, trim_topk
+from .sparsify import RESCALES, della_magprune, trim_breadcrumbs, trim_topk
 from .statistics import fisher_merge, regmean_merge
-from .ties import combine_deltas
+from .ties import check_weight_signs, combine_deltas
 
 _NO_DEFAULT = object()
 
@@ -264,11 +264,22 @@ class MergeMethod:
     def merge_checked(
         self, base: torch.Tensor | None, tensors: Sequence[torch.Tensor], *, name: str, checked: dict[str, Any]
     ) -> torch.Tensor:
-        """`merge_tensor` with parameters already through `check_params` (the whole-model loop uses this)."""
+        """`merge_tensor` with parameters already through `check_params` (the whole-model loop uses this).
+
+        Integer / bool tensors carry no task vector: as in `taskvec.merging.merge`, the base's copy
+        (the first model's without a base) is returned unchanged; a float/non-float mix is an error.
+        """
+        ref = base if base is not None else tensors[0]
         for i, t in enumerate(tensors):
-            ref = base if base is not None else tensors[0]
             if t.shape != ref.shape:
                 raise ParameterError(f"tensor {name!r}: model {i} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+        floats = [t.is_floating_point() for t in ([base] if base is not None else []) + list(tensors)]
+        if not all(floats):
+            if any(floats):
+                dtypes = ", ".join(str(t.dtype) for t in ([base] if base is not None else []) + list(tensors))
+                raise ShapeMismatchError(f"tensor {name!r}: float and non-float dtypes mixed ({dtypes}); "
+                                         "only floating-point tensors can be merged")
+            return ref.clone()  # an integer buffer (e.g. position_ids): copied, never averaged
         p = self.resolve(checked, name, len(tensors))
         return self._run_kernel(base, tensors, name, p)
 
@@ -313,6 +324,15 @@ def _drop_rates(p: dict) -> list[float]:
     return out
 
 
+def _rescale_mode(p: dict) -> bool | str:
+    """What DARE/DELLA's `rescale` means here: True is the paper's 1/keep-probability, except under
+    semantics="mergekit", where mergekit's `rescale: true` is one L1-matching factor per tensor."""
+    r = p["rescale"]
+    if r == "l1" or (bool(r) and p["semantics"] == "mergekit"):
+        return "l1"
+    return bool(r)
+
+
 def _gta_kernel(sparsifier: str | None, consensus: bool, normalize_default: dict[str, bool]) -> Kernel:
     """Generalised task arithmetic: sparsify each tau_i, optionally elect signs, combine, scale, add to base."""
 
@@ -332,12 +352,13 @@ def _gta_kernel(sparsifier: str | None, consensus: bool, normalize_default: dict
                     )
                 stacked[i] = trim_topk(delta, p["density"][i], threshold=threshold if p["trim_scope"] == "global" else None)
             elif sparsifier == "random":
-                stacked[i] = dare_drop(delta, drops[i], rescale=p["rescale"], generator=tensor_generator(p["seed"] + i, name))
+                stacked[i] = dare_drop(delta, drops[i], rescale=_rescale_mode(p),
+                                       generator=tensor_generator(p["seed"] + i, name))
             elif sparsifier == "breadcrumbs":
                 stacked[i] = trim_breadcrumbs(delta, p["density"][i], p["gamma"][i])
             elif sparsifier == "della":
                 g = tensor_generator(p["seed"] + i, name)
-                stacked[i] = della_magprune(delta, p["density"][i], p["epsilon"], rescale=p["rescale"], generator=g)
+                stacked[i] = della_magprune(delta, p["density"][i], p["epsilon"], rescale=_rescale_mode(p), generator=g)
         normalize = p["normalize"] if p["normalize"] is not None else normalize_default[semantics]
         merged = combine_deltas(
             stacked,
@@ -369,7 +390,7 @@ def _slerp(base, tensors, name, p):
 
 
 def _model_stock(base, tensors, name, p):
-    return model_stock(base, tensors, filter_wise=p["filter_wise"])
+    return model_stock(base, tensors, filter_wise=p["filter_wise"], clamp=p["semantics"] == "paper")
 
 
 def _fisher(base, tensors, name, p):
@@ -414,7 +435,11 @@ CONSENSUS = Param(
 )
 INT8_MASK = Param("int8_mask", False, "accepted for mergekit configs; no effect (masks are float here)", kind="bool")
 SEED = Param("seed", 0, "random seed; each tensor's draws come from (seed + model index, tensor name)", kind="int")
-RESCALE = Param("rescale", True, "divide survivors by their keep probability", kind="bool")
+RESCALE = Param(
+    "rescale", True, "True: divide survivors by their keep probability (paper; under semantics='mergekit' one "
+    "L1-matching factor per tensor, as mergekit); 'l1': always the L1 factor; False: no rescale",
+    kind="choice", choices=RESCALES,
+)
 
 
 def _density(default, *, nullable=False):
@@ -450,7 +475,9 @@ def _gta_fused(sparsifier: str | None, consensus: bool, normalize_default: dict[
                 densities = p["density"]
         dare = None
         if sparsifier == "random":  # same generators, same draws as the torch kernel's dare_drop
-            dare = (_drop_rates(p), p["rescale"], [tensor_generator(p["seed"] + i, name) for i in range(len(tensors))])
+            dare = (_drop_rates(p), _rescale_mode(p), [tensor_generator(p["seed"] + i, name) for i in range(len(tensors))])
+        check_weight_signs(p["weight"], consensus=p["consensus"] if consensus else None, semantics=semantics,
+                           normalize=normalize)  # before the fused kernel, as combine_deltas does
         mode = fz.MODE_SUM if not consensus else (fz.MODE_PAPER if semantics == "paper" else fz.MODE_MERGEKIT)
         return fz.fused_task_arithmetic(
             base, tensors, densities=densities, thresholds=thresholds, weights=p["weight"], lam=_lam(p), mode=mode,
@@ -531,7 +558,10 @@ _METHOD_LIST = [
     ),
     MergeMethod(
         "model_stock", "average pulled towards the base by the task-vector angle", _model_stock,
-        (Param("filter_wise", False, "one angle per row instead of per tensor", kind="bool"),),
+        (Param("filter_wise", False, "one angle per row instead of per tensor", kind="bool"),
+         Param("semantics", "paper", "paper: cos clamped to [0, 1], so t stays in [0, 1]; mergekit: unclamped "
+               "(t < 0 extrapolates for opposing task vectors), see model_stock.py",
+               kind="choice", choices=("paper", "mergekit"))),
         needs_base=True, min_models=2, reference="https://arxiv.org/abs/2403.19522",
     ),
     MergeMethod(

@@ -32,6 +32,34 @@ def check_density(density: float, name: str = "density") -> float:
     return d
 
 
+RESCALES = (True, False, "l1")
+
+
+def check_rescale(rescale, name: str = "rescale") -> bool | str:
+    """True (divide by the keep probability, the papers), False, or "l1" (one factor per tensor, mergekit)."""
+    if isinstance(rescale, bool):
+        return rescale
+    if rescale == "l1":
+        return "l1"
+    raise ParameterError(f"{name} must be True, False or 'l1', got {rescale!r}")
+
+
+def l1_rescale_factor(masked: torch.Tensor, delta: torch.Tensor, eps: float = 1e-7) -> torch.Tensor | None:
+    """||delta||_1 / ||masked||_1 as a float32 scalar tensor, or None when either norm is below eps
+    (mergekit 0.1.5's `rescaled_masked_tensor` with `RescaleNorm.l1` then leaves the survivors unscaled)."""
+    before = delta.abs().sum()
+    after = masked.abs().sum()
+    if before < eps or after < eps:
+        return None
+    return before / after
+
+
+def rescale_l1(masked: torch.Tensor, delta: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Survivors times ||delta||_1 / ||masked||_1, so the result keeps delta's L1 norm (in place on `masked`)."""
+    factor = l1_rescale_factor(masked, delta, eps)
+    return masked if factor is None else masked.mul_(factor)
+
+
 def keep_count(numel: int, density: float) -> int:
     """How many entries a density keeps: floor(density * n) as mergekit does, at least one.
 
@@ -198,18 +226,21 @@ def della_magprune(
     density: float,
     epsilon: float,
     *,
-    rescale: bool = True,
+    rescale: bool | str = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """DELLA MagPrune (Deep et al. 2024): drop entries at random, larger ones less often.
 
     Within each row (last dimension) entries are ranked by |delta|; rank r of
     m maps to keep probability p_r = density - epsilon + 2 epsilon r/(m-1)
-    (smallest kept with density - epsilon, largest with density + epsilon);
-    survivors are divided by their own p_r when `rescale`, so E[result] = delta.
+    (smallest kept with density - epsilon, largest with density + epsilon).
+    rescale: True divides survivors by their own p_r (the paper), so E[result] = delta;
+    "l1" multiplies all survivors of the tensor by ||delta||_1 / ||survivors||_1
+    (mergekit 0.1.5's `rescale: true`); False leaves them.
     As in mergekit, density >= 1 returns delta, and density +- epsilon must lie in (0, 1).
     """
     density = check_density(density)
+    mode = check_rescale(rescale)
     eps = float(epsilon)
     if density >= 1.0 or delta.numel() == 0:
         return delta.to(torch.float32).clone()
@@ -224,6 +255,8 @@ def della_magprune(
     keep_prob = ranks.mul_(2 * eps / max(m - 1, 1)).add_(density - eps)
     u = torch.rand(rows.shape, generator=generator, dtype=torch.float32).to(x.device)
     kept = u.lt_(keep_prob)  # float 0/1: kept with probability keep_prob
-    if rescale:
+    if mode == "l1":
+        return rescale_l1(rows.mul(kept), rows).reshape(x.shape)
+    if mode:
         kept.div_(keep_prob)
     return rows.mul(kept).reshape(x.shape)

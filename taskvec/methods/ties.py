@@ -17,12 +17,26 @@
   `normalize` divides by the sum of the weights of the agreeing models.
 
 With unit weights the two agree except where the elected mass is exactly 0.
+
+Negative weights (`check_weight_signs`). In task arithmetic, weight < 0 is
+negation (theta_0 - |w| tau, EMTA's forgetting). In a sign-electing merge it
+is not well defined:
+* "paper": the sign is elected on the unweighted vectors, then a negative
+  weight flips an agreeing model's entry, so the merged entry contradicts the
+  elected sign. Refused (ParameterError) with the alternatives.
+* "mergekit": the weight multiplies tau before the vote, so -|w| tau votes
+  (a coherent negation) -- but with `normalize` the divisor is the sum of the
+  agreeing weights, negative where only negatively weighted models agree,
+  which flips those entries back against the elected sign. mergekit does
+  exactly this; taskvec computes the same and warns.
 On float32 checkpoints, semantics="mergekit" reproduces mergekit 0.1.5's
 `ties` output bit for bit (checked against mergekit-yaml with mixed densities
 and a negative weight); the one deliberate difference is at exact magnitude
 ties with the k-th largest entry, which taskvec all keeps (see trim_topk).
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -57,6 +71,33 @@ def disjoint_mean(deltas: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     return (deltas * agree).sum(dim=0).div_(agree.sum(dim=0).clamp_(min=1))
 
 
+def check_weight_signs(weights, *, consensus: str | None, semantics: str, normalize: bool) -> None:
+    """Refuse (paper) or warn about (mergekit + normalize) weights < 0 in a sign-electing merge;
+    see the module docstring. No-op without election (there weight < 0 is plain negation)."""
+    if consensus is None or weights is None:
+        return
+    negative = [i for i, w in enumerate(weights) if float(w) < 0]
+    if not negative:
+        return
+    which = ", ".join(f"model {i}: {float(weights[i]):g}" for i in negative)
+    if semantics == "paper":
+        raise ParameterError(
+            f"weight ({which}): a negative weight in a TIES-style merge contradicts the elected sign -- the sign "
+            "is elected on the unweighted task vectors, then the weight flips that model's agreeing entries. "
+            "To subtract a task vector, merge its negation (TaskVector: -tau applied to the base) with a "
+            "positive weight, or use task_arithmetic / dare_linear, where weight < 0 is negation; "
+            "semantics='mergekit' lets the weight vote, as mergekit does"
+        )
+    if normalize:
+        warnings.warn(
+            f"weight ({which}) < 0 with normalize under semantics='mergekit': as in mergekit 0.1.5, the "
+            "divisor is the sum of the agreeing weights, which is negative where only negatively weighted "
+            "models agree; those merged entries get the sign opposite to the elected one "
+            "(set normalize=False for a plain negation)",
+            UserWarning, stacklevel=3,
+        )
+
+
 def _as_column(weights, like: torch.Tensor) -> torch.Tensor:
     w = torch.as_tensor(weights, dtype=like.dtype, device=like.device)
     return w.reshape(-1, *([1] * (like.dim() - 1)))
@@ -78,6 +119,7 @@ def combine_deltas(
     """
     if semantics not in SEMANTICS:
         raise ParameterError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
+    check_weight_signs(weights, consensus=consensus, semantics=semantics, normalize=normalize)
     w = _as_column([1.0] * deltas.shape[0] if weights is None else weights, deltas)
     weighted = deltas * w
     if consensus is None:
