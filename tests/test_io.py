@@ -184,35 +184,49 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
 
 
 # ------------------------------------------------------------------ LoRA adapters
+def _peft_reference(base, config, tmp_path):
+    """Save `base` and a PEFT adapter (all LoRA weights random, so every factor matters); return the
+    adapter folder, the base folder and PEFT's own merge_and_unload state dict."""
+    peft = pytest.importorskip("peft")
+    import copy
+
+    model = peft.get_peft_model(copy.deepcopy(base), config)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    model.save_pretrained(tmp_path / "adapter")
+    merged = model.merge_and_unload().state_dict()
+    save_model(base, tmp_path / "base")
+    return tmp_path / "adapter", tmp_path / "base", merged
+
+
+def _check_against_peft(adapter, base_dir, base, merged, touched):
+    tv = TaskVector.from_lora(adapter, base_dir)
+    assert set(tv) == touched
+    sd = base.state_dict()
+    for k in tv:
+        assert torch.allclose(tv[k], merged[k] - sd[k], atol=1e-6), k
+    applied = tv.apply_to(base_dir)
+    for k, v in merged.items():
+        assert torch.allclose(applied[k], v, atol=1e-6), k
+    return tv
+
+
 def test_lora_adapter_task_vector_is_scaled_BA(bert_pair, tmp_path):
     peft = pytest.importorskip("peft")
     base, _ = bert_pair
-    import copy
-
-    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=8, target_modules=["query", "value"]))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    model.save_pretrained(tmp_path / "adapter")
-    merged = model.merge_and_unload()
-    save_model(base, tmp_path / "base")
-
-    tv = TaskVector.from_models(tmp_path / "base", tmp_path / "adapter")
-    assert set(tv) == {k for k in base.state_dict() if ("query.weight" in k or "value.weight" in k)}
-    sd_base, sd_merged = base.state_dict(), merged.state_dict()
-    for k in tv:  # (alpha/r) * B @ A == what PEFT's own merge adds
-        assert torch.allclose(tv[k], sd_merged[k] - sd_base[k], atol=1e-6), k
-    a = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    cfg = peft.LoraConfig(r=2, lora_alpha=8, target_modules=["query", "value"])
+    adapter, base_dir, merged = _peft_reference(base, cfg, tmp_path)
+    # (alpha/r) * B @ A == what PEFT's own merge adds; applying τ gives the merged model, untouched tensors copied
+    tv = _check_against_peft(adapter, base_dir, base, merged,
+                             {k for k in base.state_dict() if ("query.weight" in k or "value.weight" in k)})
+    a = load_file(adapter / "adapter_model.safetensors")
     k0 = "encoder.layer.0.attention.self.query.weight"
     A = a["base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"]
     B = a["base_model.model.encoder.layer.0.attention.self.query.lora_B.weight"]
     assert torch.allclose(tv[k0], (8 / 2) * B @ A)
-    # applying the adapter's τ gives the merged model; untouched tensors are copied
-    applied = tv.apply_to(tmp_path / "base")
-    for k, v in sd_merged.items():
-        assert torch.allclose(applied[k], v, atol=1e-6), k
 
 
 def test_lora_target_missing_in_base_names_module(bert_pair, tmp_path):
@@ -225,6 +239,60 @@ def test_lora_target_missing_in_base_names_module(bert_pair, tmp_path):
     other = {k.replace("query", "q_proj"): v for k, v in base.state_dict().items()}
     with pytest.raises(CheckpointError, match="query"):
         TaskVector.from_lora(tmp_path / "adapter", other)
+
+
+def test_rslora_matches_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_bert()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["query"])
+    adapter, base_dir, merged = _peft_reference(base, cfg, tmp_path)
+    tv = _check_against_peft(adapter, base_dir, base, merged,
+                             {f"encoder.layer.{i}.attention.self.query.weight" for i in range(2)})
+    # rsLoRA scales by alpha / sqrt(r) = 4, not alpha / r = 2
+    a = load_file(adapter / "adapter_model.safetensors")
+    pre = "base_model.model.encoder.layer.0.attention.self.query"
+    ba = a[f"{pre}.lora_B.weight"] @ a[f"{pre}.lora_A.weight"]
+    assert torch.allclose(tv["encoder.layer.0.attention.self.query.weight"], 4 * ba, atol=1e-6)
+
+
+def test_rank_and_alpha_patterns_match_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_bert()
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"],
+                          rank_pattern={"layer.1.attention.self.query": 6}, alpha_pattern={"value": 12})
+    adapter, base_dir, merged = _peft_reference(base, cfg, tmp_path)
+    touched = {f"encoder.layer.{i}.attention.self.{m}.weight" for i in range(2) for m in ("query", "value")}
+    _check_against_peft(adapter, base_dir, base, merged, touched)
+    a = load_file(adapter / "adapter_model.safetensors")
+    assert a["base_model.model.encoder.layer.1.attention.self.query.lora_A.weight"].shape[0] == 6  # pattern used
+
+
+def test_fan_in_fan_out_gpt2_conv1d_matches_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    base = GPT2Model(GPT2Config(vocab_size=40, n_positions=16, n_embd=8, n_layer=2, n_head=2)).eval()
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    adapter, base_dir, merged = _peft_reference(base, cfg, tmp_path)
+    touched = {f"h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_proj")}
+    tv = _check_against_peft(adapter, base_dir, base, merged, touched)
+    assert tv["h.0.attn.c_attn.weight"].shape == (8, 24)  # Conv1D's [in, out]: the update is (B A)^T
+
+
+def test_embedding_lora_matches_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_bert()
+    cfg = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["word_embeddings", "query"])
+    adapter, base_dir, merged = _peft_reference(base, cfg, tmp_path)
+    a = load_file(adapter / "adapter_model.safetensors")
+    assert any("lora_embedding_A" in k for k in a)
+    touched = {"embeddings.word_embeddings.weight"} | {f"encoder.layer.{i}.attention.self.query.weight" for i in range(2)}
+    tv = _check_against_peft(adapter, base_dir, base, merged, touched)
+    # apply_to(dtype=): the tensors the adapter leaves alone follow the dtype too
+    half = tv.apply_to(base_dir, dtype=torch.float16)
+    assert {v.dtype for v in half.values() if v.is_floating_point()} == {torch.float16}
+    assert torch.equal(half["pooler.dense.weight"], base.state_dict()["pooler.dense.weight"].half())
 
 
 # ------------------------------------------------------------------ bad inputs
