@@ -115,6 +115,71 @@ def test_analysis_plots_have_titles_labels_and_numeric_layer_order():
         assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
 
 
+def _drawn(ax):
+    """The data lines of an axis (seaborn also parks empty legend handles in ax.lines)."""
+    return [(np.asarray(ln.get_xdata(), float), np.asarray(ln.get_ydata(), float)) for ln in ax.lines
+            if len(ln.get_xdata())]
+
+
+def test_analysis_plots_draw_their_data():
+    from taskvec.analysis import conflict_vs_density, cosine_matrix, dare_sweep, profile, sign_conflicts
+    from taskvec.analysis.naming import sort_layer_labels
+
+    tvs = _tvs()
+    # cosine heatmap: every cell is the matrix entry, annotated; colours centred at 0 up to the rounded-up
+    # largest off-diagonal |cos| (0.05 -> 0.1)
+    cos = cosine_matrix(tvs)
+    m = cos.matrix().to_numpy()
+    ax = cos.plot(None).axes[0]
+    mesh = ax.collections[0]
+    assert np.allclose(np.asarray(mesh.get_array()).reshape(2, 2), m)
+    assert [t.get_text() for t in ax.texts] == [f"{v:.3f}" for v in m.ravel()]
+    assert (mesh.norm.vmin, mesh.norm.vmax) == pytest.approx((-symmetric_limit([m[0, 1]], floor=0.01),
+                                                             symmetric_limit([m[0, 1]], floor=0.01)))
+
+    # sign-conflict heatmap: layer x module cells in percent
+    sc = sign_conflicts(tvs, density=0.5)
+    cells = np.asarray(sc.plot("layer_module").axes[0].collections[0].get_array(), float).reshape(14, 4)
+    table = sc.layer_module("frac_conflict_after").to_numpy() * 100
+    assert np.allclose(np.nan_to_num(cells), np.nan_to_num(table)) and 0 <= np.nanmin(cells) <= np.nanmax(cells) <= 100
+
+    # profile: one histogram outline per task (+ the DARE limit marker at 0.005), one line per task per layer
+    # panel, x = the 14 layers in natural order, y = the per-layer norms / top-k shares
+    prof = profile(tvs)
+    fig = prof.plot()
+    hist = _drawn(fig.axes[0])
+    assert len(hist) == 3 and np.allclose(hist[2][0], 0.005)
+    for task, (_, ys) in zip(prof.task_names, hist[:2]):
+        shown = prof.histogram[(prof.histogram["task"] == task) & (prof.histogram["bin_lo"] > 0)
+                               & np.isfinite(prof.histogram["bin_hi"])]
+        assert np.allclose(ys[:-1], shown["fraction"].to_numpy())
+    order = sort_layer_labels(prof.layers["layer"])
+    for ax, col in ((fig.axes[1], "norm"), (fig.axes[2], "top_5pct_share")):
+        drawn = _drawn(ax)
+        assert len(drawn) == 2
+        for task, (xs, ys) in zip(prof.task_names, drawn):
+            want = prof.layers[prof.layers["task"] == task].set_index("layer").loc[order, col].to_numpy()
+            assert np.array_equal(xs, np.arange(14)) and np.allclose(ys, want)
+    assert fig.axes[2].get_ylim() == pytest.approx((0, 1.02))
+
+    # conflicts vs density: two measures, x = the densities, y = percentages
+    curve = conflict_vs_density(tvs, densities=(0.2, 1.0))
+    drawn = _drawn(curve.plot().axes[0])
+    assert len(drawn) == 2
+    assert all(np.allclose(xs, [0.2, 1.0]) for xs, _ in drawn)
+    assert np.allclose(drawn[0][1], curve.curve["frac_conflict_after"] * 100)
+    assert np.allclose(drawn[1][1], curve.curve["conflict_given_overlap_after"] * 100)
+
+    # DARE sweep: with and without rescale, x = drop rates, y = cosine to tau (1 at p = 0)
+    sweep = dare_sweep(tvs["math"], ps=(0, 0.5))
+    ax = sweep.plot().axes[0]
+    drawn = _drawn(ax)
+    assert len(drawn) == 2 and "cos" in ax.get_ylabel()
+    for xs, ys in drawn:
+        assert np.allclose(xs, [0.0, 0.5]) and ys[0] == pytest.approx(1.0) and 0 < ys[1] < 1
+    assert np.allclose(sorted(drawn[0][1]), sorted(sweep.data[sweep.data["rescale"]]["cosine_to_tau"]))
+
+
 def test_results_render_in_notebooks_and_text():
     from taskvec.analysis import cosine_matrix
 
