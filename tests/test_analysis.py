@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -368,6 +369,17 @@ def test_cli_writes_csvs_figures_and_summary(checkpoints, tmp_path, capsys):
     layers = pd.read_csv(out / "profile-layers.csv")
     assert list(layers[layers["task"] == "a"]["layer"].astype(str)) == ["embeddings", "0", "1"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report")]  # no temp dirs left
+    # the figures draw these tasks: the names label the cosine heatmap's rows, with every cell annotated
+    # (3 x 3 values, 2 decimals or 3), and the PNG is a picture, not a blank canvas
+    svg = (out / "cosine.svg").read_text()
+    assert "Cosine similarity between task vectors" in svg
+    assert all(f">{n}<" in svg for n in ("a", "b", "c"))
+    cells = [float(v) for v in re.findall(r">(-?\d\.\d{2,3})<", svg)]
+    assert len(cells) >= 9 and sorted(cells)[-3:] == [1.0, 1.0, 1.0]
+    from matplotlib import pyplot as plt
+
+    png = plt.imread(out / "cosine.png")
+    assert png.shape[0] > 200 and png.shape[1] > 200 and png[..., :3].std() > 0.05
 
     # existing output: refused without --overwrite, nothing touched
     before = sorted(p.name for p in out.iterdir())
