@@ -226,6 +226,8 @@ def test_regmean_merge_of_conv1d_weights_solves_the_least_squares_problem():
     assert torch.allclose(regmean_merge([w.T for w in ws], grams, alpha=1.0).T, merged, atol=1e-6)
     with pytest.raises(ParameterError, match="transposed"):
         regmean_merge([torch.zeros(3, 2)], [torch.eye(2)], transposed=True)
+    with pytest.raises(ParameterError, match="Conv1D.*pass transposed=True"):
+        regmean_merge(ws, grams)  # a [3, 2] Conv1D weight with its [3, 3] Gram, taken for nn.Linear
 
 
 def test_regmean_never_active_features_keep_the_average():

@@ -130,9 +130,12 @@ def regmean_merge(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor]
     for w, wt, g in zip(weights, wts, grams):
         if w.dim() != 2 or g.shape != (wt.shape[0], wt.shape[0]):
             layout = "[in, out] (transposed)" if transposed else "[out, in]"
+            hint = ""
+            if w.dim() == 2 and not transposed and g.shape == (w.shape[0], w.shape[0]):
+                hint = " (a GPT-2 Conv1D weight, stored [in, out]? pass transposed=True)"
             raise ParameterError(
                 f"regmean: weight {tuple(w.shape)} {layout} needs a Gram matrix of shape {(wt.shape[0],) * 2}, "
-                f"got {tuple(g.shape)}"
+                f"got {tuple(g.shape)}{hint}"
             )
     w_avg = sum(wts) / len(wts)
     g_sum = None
