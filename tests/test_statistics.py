@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from taskvec.errors import ParameterError
 from taskvec.eval.statistics import example_log_likelihood, fisher_diagonal, regmean_grams
-from taskvec.methods.statistics import fisher_merge, fisher_norm, regmean_merge
+from taskvec.methods.statistics import fisher_merge, fisher_norm, fisher_norms, regmean_merge, transposed_names
 
 
 def zero_linear():
@@ -195,6 +195,7 @@ def test_regmean_grams_hook_gpt2_conv1d_layers():
     x = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
     grams = regmean_grams(Conv1DNet(torch.zeros(2, 3)), [{"input": x}])
     assert set(grams) == {"proj.weight"} and grams.transposed == {"proj.weight"}
+    assert transposed_names([{"x": 1}, grams]) == {"proj.weight"}
     assert torch.equal(grams["proj.weight"], torch.tensor([[5.0, 1.0], [1.0, 2.0]]))  # X^T X / 2
 
 
@@ -321,7 +322,7 @@ def test_fisher_normalisation_by_hand():
     a, b = torch.zeros(2), torch.full((2,), 21.0)
     fa, fb = torch.tensor([3.0, 4.0]), torch.tensor([60.0, 80.0])
     assert torch.allclose(fisher_merge([a, b], [fa, fb], eps=0.0), torch.full((2,), 20.0))
-    norms = [fisher_norm({"w": fa}), fisher_norm(fb)]
+    norms = fisher_norms([{"w": fa}, fb])
     assert norms == [5.0, 100.0]
     assert torch.allclose(fisher_merge([a, b], [fa, fb], eps=0.0, norms=norms), torch.full((2,), 10.5))
     # one norm per model, over all its tensors: ||(3, 4, 12)|| = 13
@@ -348,6 +349,10 @@ def test_fisher_merge_bad_input_and_inputs_untouched():
         fisher_merge([a, b], [fa, fb], eps=-1.0)
     with pytest.raises(ParameterError, match="cannot normalise"):
         fisher_norm({"w": torch.zeros(3)})
+    with pytest.raises(ParameterError, match=r"model 1.*cannot normalise"):
+        fisher_norms([{"w": fa}, {"w": torch.zeros(2)}])
+    with pytest.raises(ParameterError, match=r"model 0.*normalize=False"):
+        fisher_norms([lambda name: fa])
 
 
 positive = st.floats(0.01, 100.0)

@@ -50,6 +50,29 @@ def fisher_norm(fisher: Mapping[str, torch.Tensor] | torch.Tensor) -> float:
     return norm
 
 
+def fisher_norms(fishers: Sequence) -> list[float]:
+    """`fisher_norm` of each model's Fisher (a mapping name -> tensor, or one tensor), for
+    `fisher_merge(norms=...)`: computed once per merge, before the tensor loop."""
+    out = []
+    for i, f in enumerate(fishers):
+        if not isinstance(f, (Mapping, torch.Tensor)):
+            raise ParameterError(
+                f"fisher (model {i}): normalising needs the whole Fisher (a mapping name -> tensor), got "
+                f"{type(f).__name__}; pass normalize=False or the norms"
+            )
+        try:
+            out.append(fisher_norm(f))
+        except ParameterError as e:
+            raise ParameterError(f"fisher (model {i}): {e}") from None
+    return out
+
+
+def transposed_names(grams: Sequence) -> frozenset[str]:
+    """Weight names stored [in, out] (GPT-2 Conv1D) according to any model's Gram mapping
+    (`regmean_grams(...).transposed`); empty for plain dicts."""
+    return frozenset().union(*(getattr(g, "transposed", ()) for g in grams))
+
+
 def fisher_merge(
     tensors: Sequence[torch.Tensor],
     fishers: Sequence[torch.Tensor],
