@@ -358,7 +358,8 @@ def _gta_kernel(sparsifier: str | None, consensus: bool, normalize_default: dict
                 stacked[i] = trim_breadcrumbs(delta, p["density"][i], p["gamma"][i])
             elif sparsifier == "della":
                 g = tensor_generator(p["seed"] + i, name)
-                stacked[i] = della_magprune(delta, p["density"][i], p["epsilon"], rescale=_rescale_mode(p), generator=g)
+                stacked[i] = della_magprune(delta, p["density"][i], p["epsilon"][i], rescale=_rescale_mode(p),
+                                            generator=g)
         normalize = p["normalize"] if p["normalize"] is not None else normalize_default[semantics]
         merged = combine_deltas(
             stacked,
@@ -503,6 +504,10 @@ def _gta(name, summary, sparsifier, consensus, normalize_default, extra, referen
     )
 
 
+# per model, as mergekit 0.1.5's della/della_linear (ParameterScope.NON_BASE)
+_EPSILON = Param("epsilon", 0.15, "keep probabilities span density +- epsilon", per_model=True, low=0.0, high=1.0,
+                 high_open=True)
+
 _DARE_PARAMS = (
     Param("p", None, "drop rate (DARE's p; default 0.9 when neither p nor density is given)", per_model=True,
           low=0.0, high=1.0, high_open=True, nullable=True, aliases=("drop_rate",)),
@@ -543,13 +548,11 @@ _METHOD_LIST = [
          "https://arxiv.org/abs/2312.06795"),
     _gta("della", "DELLA MagPrune (rank-based drop), then TIES sign election + disjoint merge", "della", True,
          {"paper": True, "mergekit": True},
-         (_density(0.7), Param("epsilon", 0.15, "keep probabilities span density +- epsilon", low=0.0, high=1.0,
-                               high_open=True), RESCALE, SEED),
+         (_density(0.7), _EPSILON, RESCALE, SEED),
          "https://arxiv.org/abs/2406.11617"),
     _gta("della_linear", "DELLA MagPrune, then task arithmetic", "della", False,
          {"paper": False, "mergekit": False},
-         (_density(0.7), Param("epsilon", 0.15, "keep probabilities span density +- epsilon", low=0.0, high=1.0,
-                               high_open=True), RESCALE, SEED),
+         (_density(0.7), _EPSILON, RESCALE, SEED),
          "https://arxiv.org/abs/2406.11617"),
     MergeMethod(
         "slerp", "spherical interpolation from the base (t=0) to the model (t=1)", _slerp,
