@@ -25,6 +25,13 @@ whose filter is a substring of the tensor name (or has no filter, or ``*``)
 applies. A per-model parameter is looked up on the model's entry first, then on
 its slice, then globally, as mergekit does.
 
+Methods run with ``semantics="mergekit"`` (taskvec.methods.registry): mergekit's
+TIES weighting, DARE/DELLA ``rescale: true`` as one L1-matching factor per tensor,
+model_stock unclamped. tests/goldens holds mergekit-yaml 0.1.5's outputs for every
+shared method; CI compares against them (random masks differ: their rescale is
+compared). Known differences: taskvec keeps every entry tied with the k-th largest
+magnitude (mergekit's argsort picks some), and refuses a NaN/inf that mergekit writes.
+
 Options that change nothing here are accepted and listed in `NO_EFFECT`
 (e.g. ``int8_mask``, a memory trick of mergekit's; taskvec's masks are already
 boolean).

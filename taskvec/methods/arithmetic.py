@@ -4,6 +4,10 @@
     negation   theta = theta_0 - lambda * tau
     analogy    tau_D = tau_C + (tau_B - tau_A)          ("A is to B as C is to D")
     linear     theta = sum_i w_i theta_i / sum_i w_i     (model soup / weight averaging)
+
+A negative weight is negation in task arithmetic (theta_0 - |w| tau) and an
+extrapolation away from that model in a linear average (whose weights must not
+sum to 0 when normalised). For sign-electing methods see taskvec.methods.ties.
 """
 from __future__ import annotations
 

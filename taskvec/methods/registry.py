@@ -11,6 +11,26 @@ Parameter values may be given as
   * a callable f(tensor_name) -> value (per-layer schedules, name filters),
   * a mapping / Source / TaskVector looked up by tensor name (Fisher diagonals, Gram matrices);
 list entries may themselves be callables or mappings.
+
+`semantics` ("paper", the default, or "mergekit", which every mergekit YAML config
+runs with) changes three things: where TIES-family weights enter (ties.py); what
+DARE/DELLA's `rescale=True` means (paper: divide each survivor by its keep
+probability; mergekit: one factor per tensor, ||tau||_1 / ||kept tau||_1, which is
+also `rescale="l1"` under either semantics); and whether model_stock clamps its
+cosine to [0, 1] (paper) or extrapolates as mergekit does (model_stock.py).
+
+What `weight < 0` means, method by method:
+  * linear: an extrapolation away from that model, sum_i w_i theta_i / sum_i w_i
+    (the sum of the weights must not be 0 with normalize);
+  * task_arithmetic, dare_linear, breadcrumbs, della_linear: negation of that task
+    vector, theta_0 - |w| tau (EMTA's forgetting), in both semantics;
+  * ties, dare_ties, breadcrumbs_ties, della (sign election): refused under "paper"
+    semantics, where it would contradict the elected sign; under "mergekit" -|w| tau
+    votes, and with normalize a warning says where the divisor flips it (ties.py);
+  * fisher: scales that model's Fisher weight; slerp, model_stock, regmean: no weights.
+
+Integer / bool tensors carry no task vector: `merge_tensor` returns a copy of the
+base's (the first model's without a base), as whole-model `merge()` does.
 """
 from __future__ import annotations
 
@@ -134,8 +154,8 @@ class MergeMethod:
     """A merge method: name, parameter specs and the per-tensor kernel.
 
     `merge_tensor(base, tensors, name=..., **params)` validates, resolves
-    per-name values, computes in float32 and returns a new float32 tensor;
-    inputs are never modified.
+    per-name values, computes in float32 and returns a new float32 tensor
+    (integer / bool tensors: a copy of the base's); inputs are never modified.
     """
 
     name: str

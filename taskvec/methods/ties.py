@@ -30,9 +30,10 @@ is not well defined:
   which flips those entries back against the elected sign. mergekit does
   exactly this; taskvec computes the same and warns.
 On float32 checkpoints, semantics="mergekit" reproduces mergekit 0.1.5's
-`ties` output bit for bit (checked against mergekit-yaml with mixed densities
-and a negative weight); the one deliberate difference is at exact magnitude
-ties with the k-th largest entry, which taskvec all keeps (see trim_topk).
+`ties` output bit for bit: tests/test_mergekit_parity.py checks it in every CI
+run against goldens mergekit-yaml wrote (mixed densities; a negative weight).
+The one deliberate difference is at exact magnitude ties with the k-th largest
+entry, which taskvec all keeps (see trim_topk).
 """
 from __future__ import annotations
 
