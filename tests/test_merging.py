@@ -293,9 +293,13 @@ def test_fisher_and_regmean_through_merge():
     sa, sb_ = sd(tiny_bert(1)), sd(tiny_bert(2))
     fishers = [{k: torch.ones_like(v) for k, v in sa.items() if v.is_floating_point()},
                {k: 3 * torch.ones_like(v) for k, v in sb_.items() if v.is_floating_point()}]
-    out = merge(None, [sa, sb_], "fisher", fisher=fishers, progress=False)
     k = "pooler.dense.weight"
+    # raw Fishers 1 and 3: a 1:3 weighted mean
+    out = merge(None, [sa, sb_], "fisher", fisher=fishers, normalize=False, progress=False)
     assert torch.allclose(out[k], (sa[k] + 3 * sb_[k]) / 4, atol=1e-6)
+    # the reference default divides each model's Fisher by its whole-model norm: 1/||1|| = 3/||3||, a plain mean
+    out = merge(None, [sa, sb_], "fisher", fisher=fishers, progress=False)
+    assert torch.allclose(out[k], (sa[k] + sb_[k]) / 2, atol=1e-6)
     g = torch.eye(16)
     grams = [{"pooler.dense": g}, {"pooler.dense": g}]
     out = merge(None, [sa, sb_], "regmean", gram=grams, progress=False)

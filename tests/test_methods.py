@@ -437,8 +437,14 @@ def test_fisher_merge_by_hand():
     # col0: (1+3)/2; col1: F_a floored to eps -> ~5; col2: (8+0)/4
     close(fisher_merge([a, b], [fa, fb], eps=1e-6), [2.0, (1e-6 + 5) / (1 + 1e-6), 2.0], tol=1e-5)
     m = get_method("fisher")
-    out = m.merge_tensor(None, [a, b], name="w", fisher=[{"w": fa}, {"w": fb}])
+    out = m.merge_tensor(None, [a, b], name="w", fisher=[{"w": fa}, {"w": fb}], normalize=False)
     close(out, fisher_merge([a, b], [fa, fb]))
+    # by name, the default normalises each whole Fisher: ||F_a|| = sqrt(5), ||F_b|| = sqrt(6);
+    # col0: (1/r5 * 1 + 1/r6 * 3) / (1/r5 + 1/r6); col2: (2/r5 * 4) / (2/r5 + 2/r6)
+    r5, r6 = 5 ** 0.5, 6 ** 0.5
+    out = m.merge_tensor(None, [a, b], name="w", fisher=[{"w": fa}, {"w": fb}])
+    close(out, [(1 / r5 + 3 / r6) / (1 / r5 + 1 / r6), (1e-6 / r5 + 5 / r6) / (1e-6 / r5 + 1 / r6),
+                (8 / r5) / (2 / r5 + 2 / r6)], tol=1e-5)
     # a tensor no model has statistics for is plainly averaged
     close(m.merge_tensor(None, [a, b], name="other", fisher=[{"w": fa}, {"w": fb}]), (a + b) / 2)
 
@@ -565,7 +571,7 @@ def test_prop_slerp_endpoints(a, b, t):
 def test_prop_averaging_identical_models_is_identity(values, n):
     theta = T(values)
     close(get_method("linear").merge_tensor(None, [theta] * n, name="x"), theta, tol=1e-5)
-    close(get_method("fisher").merge_tensor(None, [theta] * n, name="x", fisher=[{"x": theta.abs()}] * n), theta, tol=1e-5)
+    close(get_method("fisher").merge_tensor(None, [theta] * n, name="x", fisher=[{"x": theta.abs() + 1.0}] * n), theta, tol=1e-5)
 
 
 @settings(max_examples=30, deadline=None)

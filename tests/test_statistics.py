@@ -231,6 +231,20 @@ def test_regmean_merge_of_conv1d_weights_solves_the_least_squares_problem():
         regmean_merge(ws, grams)  # a [3, 2] Conv1D weight with its [3, 3] Gram, taken for nn.Linear
 
 
+def test_regmean_by_name_takes_the_conv1d_layout_from_the_gram_mappings():
+    # a square Conv1D weight: its shape cannot tell [in, out] from [out, in], the Gram mapping's .transposed does
+    from taskvec.methods import get_method
+
+    torch.manual_seed(2)
+    ws = [torch.randn(3, 3), torch.randn(3, 3)]
+    xs = [torch.randn(5, 3), torch.randn(7, 3)]
+    grams = [regmean_grams(Conv1DNet(w), [{"input": x}]) for w, x in zip(ws, xs)]
+    by_name = get_method("regmean").merge_tensor(None, ws, name="proj.weight", gram=grams, alpha=1.0)
+    expected = regmean_merge(ws, [g["proj.weight"] for g in grams], alpha=1.0, transposed=True)
+    assert torch.allclose(by_name, expected, atol=1e-6)
+    assert not torch.allclose(by_name, regmean_merge(ws, [g["proj.weight"] for g in grams], alpha=1.0), atol=1e-3)
+
+
 def test_regmean_never_active_features_keep_the_average():
     # feature 1 is zero in every model's data: its column is the plain mean (3 + ... ), not 0;
     # feature 0: (1*1 + 3*3) / (1 + 3) = 2.5

@@ -110,9 +110,10 @@ def task_fisher(zoo, task: str, n_samples: int = 256, *, mode: str = "sampled", 
 
 
 def task_grams(zoo, task: str, *, weights=None, split: str = "train", limit: int | None = 512,
-               average: bool = False) -> dict[str, torch.Tensor]:
-    """RegMean Gram matrices X^T X of every nn.Linear of the task's fine-tuned encoder, on the task's data;
-    keyed '<layer>.weight' like the encoder's state dict, ready for `regmean_merge`."""
+               average: bool = True) -> dict[str, torch.Tensor]:
+    """RegMean Gram matrices of every nn.Linear of the task's fine-tuned encoder, on the task's data: the mean
+    X^T X / N as the reference code (average=False: the sum); keyed '<layer>.weight' like the encoder's state
+    dict, ready for `regmean_merge`."""
     from taskvec.eval.statistics import regmean_grams
 
     model = _classifier(zoo, task, weights)

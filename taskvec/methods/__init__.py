@@ -20,7 +20,7 @@ from .sparsify import (
     trim_breadcrumbs,
     trim_topk,
 )
-from .statistics import fisher_merge, regmean_merge
+from .statistics import fisher_merge, fisher_norm, fisher_norms, regmean_merge, transposed_names
 from .ties import agreement, combine_deltas, disjoint_mean, elect_sign
 
 
@@ -35,8 +35,8 @@ def ties_merge(base, tensors, *, density=0.2, lam=1.0, consensus="mass", weights
 __all__ = [
     "METHODS", "MagnitudeSelector", "MergeMethod", "Param", "agreement", "analogy", "check_density",
     "check_drop_rate", "check_t", "combine_deltas", "dare_drop", "della_magprune", "disjoint_mean",
-    "elect_sign", "fisher_merge", "get_method", "global_magnitude_threshold", "keep_count",
+    "elect_sign", "fisher_merge", "fisher_norm", "fisher_norms", "get_method", "global_magnitude_threshold", "keep_count",
     "kth_largest_abs", "lerp", "linear_average", "model_stock", "negate", "regmean_merge", "register",
     "resolve_value", "slerp", "task_arithmetic", "tensor_generator", "ties_merge", "trim_breadcrumbs",
-    "trim_topk",
+    "transposed_names", "trim_topk",
 ]

@@ -46,7 +46,7 @@ from .dare import dare_drop, tensor_generator
 from .model_stock import model_stock
 from .slerp import slerp
 from .sparsify import RESCALES, della_magprune, trim_breadcrumbs, trim_topk
-from .statistics import fisher_merge, regmean_merge
+from .statistics import FISHER_FLOORS, fisher_merge, fisher_norms, regmean_merge, transposed_names
 from .ties import check_weight_signs, combine_deltas
 
 _NO_DEFAULT = object()
@@ -229,6 +229,19 @@ class MergeMethod:
                 if spec.required:
                     raise ParameterError(f"{spec.name}: {self.name} needs it ({spec.doc})")
                 out[spec.name] = [spec.default] * n_models if spec.per_model else spec.default
+        return self._whole_model_statistics(out)
+
+    def _whole_model_statistics(self, out: dict[str, Any]) -> dict[str, Any]:
+        """Parameters that need every tensor of a model, computed once before the tensor loop:
+        Fisher merging's per-model norms, RegMean's set of transposed (Conv1D) weights."""
+        if self.name == "fisher" and out["normalize"] and all(v is None for v in out["fisher_norm"]):
+            if isinstance(out["fisher"], _Shared):
+                raise ParameterError("fisher: normalize=True needs one whole Fisher mapping per model "
+                                     "(or fisher_norm); pass normalize=False")
+            out["fisher_norm"] = fisher_norms(out["fisher"])
+        if self.name == "regmean" and out["transposed"] is None:
+            names = transposed_names([] if isinstance(out["gram"], _Shared) else out["gram"])
+            out["transposed"] = lambda name: name in names  # deferred: `resolve` asks per tensor
         return out
 
     @staticmethod
@@ -421,7 +434,8 @@ def _fisher(base, tensors, name, p):
     if any(f is None for f in fishers):
         missing = [i for i, f in enumerate(fishers) if f is None]
         raise ParameterError(f"fisher: tensor {name!r} has a Fisher diagonal for some models but not models {missing}")
-    return fisher_merge(tensors, fishers, eps=p["eps"], weights=p["weight"])
+    return fisher_merge(tensors, fishers, eps=p["eps"], weights=p["weight"], floor=p["floor"],
+                        norms=p["fisher_norm"] if p["normalize"] else None)
 
 
 def _regmean(base, tensors, name, p):
@@ -431,7 +445,7 @@ def _regmean(base, tensors, name, p):
     if any(g is None for g in grams):
         missing = [i for i, g in enumerate(grams) if g is None]
         raise ParameterError(f"gram: tensor {name!r} has a Gram matrix for some models but not models {missing}")
-    return regmean_merge(tensors, grams, alpha=p["alpha"])
+    return regmean_merge(tensors, grams, alpha=p["alpha"], transposed=bool(p["transposed"]))
 
 
 def _passthrough(base, tensors, name, p):
@@ -592,14 +606,22 @@ _METHOD_LIST = [
         (Param("fisher", _NO_DEFAULT, "per-parameter Fisher diagonal (mapping name -> tensor)", per_model=True,
                kind="tensor", nullable=True, aliases=("fishers",)),
          _weight(),
-         Param("eps", 1e-6, "floor on each Fisher entry", low=0.0, aliases=("fisher_floor",))),
+         Param("eps", 1e-6, "floor on Fisher entries (see floor)", low=0.0, aliases=("fisher_floor",)),
+         Param("floor", "target", "whose Fisher eps floors: the first (target) model's, as the reference code, "
+               "or every model's", kind="choice", choices=FISHER_FLOORS),
+         Param("normalize", True, "divide each model's weight by the L2 norm of its whole Fisher (reference "
+               "default)", kind="bool", aliases=("normalize_fishers",)),
+         Param("fisher_norm", None, "each model's whole-model Fisher norm; computed from fisher when normalize",
+               per_model=True, nullable=True, low=0.0, low_open=True)),
         needs_base=False, reference="https://arxiv.org/abs/2111.09832",
     ),
     MergeMethod(
         "regmean", "RegMean: least-squares merge of linear layers from input Gram matrices", _regmean,
         (Param("gram", _NO_DEFAULT, "input Gram matrix X^T X per linear layer (mapping name -> tensor)",
                per_model=True, kind="tensor", nullable=True, aliases=("grams",)),
-         Param("alpha", 0.9, "scale of the Gram off-diagonals", low=0.0, high=1.0)),
+         Param("alpha", 0.9, "scale of the Gram off-diagonals", low=0.0, high=1.0),
+         Param("transposed", None, "weights stored [in, out] (GPT-2 Conv1D); default: the Gram mappings' "
+               ".transposed", kind="bool", nullable=True)),
         needs_base=False, reference="https://arxiv.org/abs/2212.09849",
     ),
     MergeMethod(
