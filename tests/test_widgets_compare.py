@@ -275,7 +275,7 @@ def test_default_specs_cover_every_method():
                                              "dare_linear", "dare_ties", "breadcrumbs", "della", "model_stock"}
         for s in specs:
             METHODS[s.method].check_params(4, has_base=True, **s.params, **s.configurations()[0],
-                                           **({s.statistics: [{}] * 4} if s.statistics else {}))
+                                           **({s.statistics: [{"w": torch.ones(2, 2)}] * 4} if s.statistics else {}))
     assert sum(len(s.configurations()) * len(s.lambdas or (None,)) for s in compare.default_specs(True)) < \
         sum(len(s.configurations()) * len(s.lambdas or (None,)) for s in compare.default_specs(False))
 

@@ -299,3 +299,43 @@ def test_two_builds_of_one_zoo_take_turns(tmp_path):
         order.append("first done")
     t.join(5)
     assert order == ["first done", "second"]
+
+
+def test_lab_outcomes_are_cached_by_the_weights_fingerprint(tiny, monkeypatch):
+    import taskvec.eval.classification as classification
+    from taskvec.widgets import ZooLab
+
+    zoo, _ = tiny
+    calls = []
+    real = classification.predict
+    monkeypatch.setattr(classification, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
+    lab = ZooLab(zoo, limit=16, val_limit=8)
+    tau = {t: 0.5 for t in lab.tasks}
+    first = lab.correct(lab.apply(tau), split="val")
+    n = len(calls)
+    assert n == len(first) > 0
+    # equal weights, a new dict of new tensors: served from memory
+    again = lab.correct({k: v.clone() for k, v in lab.apply(tau).items()}, split="val")
+    assert len(calls) == n and all(torch.equal(first[t], again[t]) for t in first)
+    # one entry changed by one ulp: a different model, evaluated
+    changed = dict(lab.apply(tau))
+    key = next(k for k, v in changed.items() if v.is_floating_point() and not torch.equal(v, lab.base[k]))
+    changed[key] = changed[key].clone()
+    changed[key].view(-1)[0] = torch.nextafter(changed[key].view(-1)[0], torch.tensor(float("inf")))
+    lab.correct(changed, split="val")
+    assert len(calls) == 2 * n
+    # another lab (another notebook) on the same zoo reads the disk cache; the test split is another key
+    other = ZooLab(zoo, limit=16, val_limit=8)
+    assert all(torch.equal(first[t], c) for t, c in other.correct(other.apply(tau), split="val").items())
+    assert len(calls) == 2 * n
+    other.correct(other.apply(tau), split="test")
+    assert len(calls) == 3 * n
+    # a different evaluation subset is a different key; TASKVEC_EVAL_CACHE=0 keeps results in memory only
+    monkeypatch.setenv("TASKVEC_EVAL_CACHE", "0")
+    fresh = ZooLab(zoo, limit=16, val_limit=4)
+    fresh.correct(fresh.apply(tau), split="val")
+    fresh.correct(fresh.apply(tau), split="val")
+    assert len(calls) == 4 * n
+    fresh = ZooLab(zoo, limit=16, val_limit=4)
+    fresh.correct(fresh.apply(tau), split="val")
+    assert len(calls) == 5 * n

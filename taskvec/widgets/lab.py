@@ -133,24 +133,103 @@ class ZooLab:
     def correct(self, weights: Mapping[str, torch.Tensor] | None = None, *, split: str = "test",
                 tasks: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """{task: bool tensor, one entry per evaluated example} of `weights` (None = the base), each task with
-        its own frozen head. Tasks without `split` (e.g. "shift", which only some tasks have) are skipped."""
+        its own frozen head. Tasks without `split` (e.g. "shift", which only some tasks have) are skipped.
+
+        Outcomes are cached by a fingerprint of the weights (BLAKE2b of every tensor's bytes), in memory and in
+        the zoo's ``eval-cache/``: a merge that another cell, notebook or the demo already scored on the same
+        examples is not evaluated again (``TASKVEC_EVAL_CACHE=0`` turns the disk cache off)."""
         from taskvec.eval.classification import predict
 
         state = self.base if weights is None else weights
-        missing = self.model.load_state_dict(state, strict=False).missing_keys
-        missing = [k for k in missing if self.base[k].is_floating_point()]
-        if missing:
-            raise ParameterError(f"weights lack {len(missing)} float tensor(s) of the model, e.g. {missing[:3]}")
-        out = {}
+        wanted = []
         for task in (tasks or self.tasks + self.control):
             if task not in self._data:
                 raise ParameterError(f"unknown task {task!r}; tasks: {self.all_tasks}")
-            if not self.has_split(task, split):
-                continue
-            texts, labels = self._examples(task, split)
-            pred = predict(self.model, self._heads[task], self.tokenizer, texts, max_length=self.max_length)
-            out[task] = pred == torch.tensor(labels)
+            if self.has_split(task, split):
+                wanted.append(task)
+        fingerprint = self._fingerprint(state)
+        out = {t: self._cached_outcome(fingerprint, t, split) for t in wanted}
+        todo = [t for t in wanted if out[t] is None]
+        if todo:
+            missing = self.model.load_state_dict(state, strict=False).missing_keys
+            missing = [k for k in missing if self.base[k].is_floating_point()]
+            if missing:
+                raise ParameterError(f"weights lack {len(missing)} float tensor(s) of the model, e.g. {missing[:3]}")
+            for task in todo:
+                texts, labels = self._examples(task, split)
+                pred = predict(self.model, self._heads[task], self.tokenizer, texts, max_length=self.max_length)
+                out[task] = pred == torch.tensor(labels)
+                self._store_outcome(fingerprint, task, split, out[task])
         return out
+
+    # ------------------------------------------------------------ outcome cache
+    def _fingerprint(self, state: Mapping[str, torch.Tensor]) -> str:
+        """SHA-256 of the weights' names, dtypes, shapes and bytes; a tensor equal to the base's (e.g. the frozen
+        word embeddings, half of MiniLM) is hashed as "= base" after an exact comparison, which costs less."""
+        import hashlib
+
+        if state is self.base and getattr(self, "_base_fingerprint", None):
+            return self._base_fingerprint
+        h = hashlib.sha256()  # hardware-accelerated on most CPUs: about twice BLAKE2b's speed here
+        for key in sorted(state):
+            t = state[key]
+            if not isinstance(t, torch.Tensor):
+                raise ParameterError(f"weights[{key!r}] is a {type(t).__name__}, not a tensor")
+            t = t.detach().to("cpu")
+            h.update(f"{key}\x00{t.dtype}\x00{tuple(t.shape)}\x00".encode())
+            ref = self.base.get(key)
+            if state is not self.base and ref is not None and ref.dtype == t.dtype and ref.shape == t.shape \
+                    and (t is ref or torch.equal(t, ref)):
+                h.update(b"= base")
+            else:
+                h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+        digest = h.hexdigest()
+        if state is self.base:
+            self._base_fingerprint = digest
+        return digest
+
+    def _outcome_key(self, fingerprint: str, task: str, split: str) -> str:
+        import hashlib
+        import json
+
+        limit = {"val": self.val_limit, "test": self.limit}.get(split)
+        deps = self._file_deps([f"heads/{task}", f"data/{task}"])
+        if deps is None:  # a zoo without cache entries (the head or data file unknown): memory only
+            return f"mem-{fingerprint}-{task}-{split}-{limit}-{self.seed}"
+        key = json.dumps({"weights": fingerprint, "task": task, "split": split, "limit": limit, "seed": self.seed,
+                          "max_length": self.max_length, "deps": deps}, sort_keys=True)
+        return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+    def _outcome_path(self, key: str):
+        import os
+
+        if key.startswith("mem-") or os.environ.get("TASKVEC_EVAL_CACHE", "1") in ("0", ""):
+            return None
+        return self.zoo.root / "eval-cache" / "outcomes" / f"{key}.pt"
+
+    def _cached_outcome(self, fingerprint: str, task: str, split: str) -> torch.Tensor | None:
+        memory = self.__dict__.setdefault("_outcomes", {})
+        key = self._outcome_key(fingerprint, task, split)
+        if key in memory:
+            return memory[key]
+        path = self._outcome_path(key)
+        if path is not None and path.is_file():
+            try:
+                cached = torch.load(path, weights_only=True)
+            except Exception:  # unreadable (e.g. truncated): evaluate again and overwrite it
+                cached = None
+            if isinstance(cached, torch.Tensor) and cached.dtype == torch.bool and \
+                    len(cached) == len(self._examples(task, split)[1]):
+                memory[key] = cached
+                return cached
+        return None
+
+    def _store_outcome(self, fingerprint: str, task: str, split: str, outcome: torch.Tensor) -> None:
+        key = self._outcome_key(fingerprint, task, split)
+        self.__dict__.setdefault("_outcomes", {})[key] = outcome
+        path = self._outcome_path(key)
+        if path is not None:
+            _save_atomic(outcome, path)
 
     def accuracy(self, weights: Mapping[str, torch.Tensor] | None = None, *, split: str = "test",
                  tasks: Sequence[str] | None = None) -> dict[str, float]:
@@ -186,18 +265,22 @@ class ZooLab:
             _save_atomic(out, path)
         return out
 
+    def _file_deps(self, keys: Sequence[str]) -> dict | None:
+        """{entry: (weights hash, file hashes)} of zoo cache entries, from the manifest (None if any is absent)."""
+        entries = self.zoo.manifest.get("entries") or {}
+        try:
+            return {k: (entries[k].get("weights_hash"), entries[k]["files"]) for k in keys}
+        except KeyError:
+            return None
+
     def _reference_cache_path(self, which: str, split: str):
         import hashlib
         import json
 
-        entries = self.zoo.manifest.get("entries")
-        if not entries:
-            return None
         keys = ["base"] + [f"heads/{t}" for t in self.all_tasks] + [f"data/{t}" for t in self.all_tasks]
         keys += {"finetuned": [f"models/{t}" for t in self.tasks], "multitask": ["models/multitask"]}.get(which, [])
-        try:
-            deps = {k: (entries[k].get("weights_hash"), entries[k]["files"]) for k in keys}
-        except KeyError:
+        deps = self._file_deps(keys)
+        if deps is None:
             return None
         limit = {"val": self.val_limit, "test": self.limit}.get(split)
         key = json.dumps({"which": which, "split": split, "limit": limit, "seed": self.seed,
