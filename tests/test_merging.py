@@ -340,15 +340,40 @@ def test_existing_output_is_refused(llamas, tmp_path):
         merge(llamas["base"], [llamas["ft1"]], "linear", out=tmp_path / "taken", progress=False)
 
 
+CUDA_CASES = [("ties", {"density": 0.3}), ("dare_ties", {"p": 0.5}), ("slerp", {"t": 0.3}),
+              ("dare_linear", {"p": 0.5, "semantics": "mergekit"}), ("della", {"density": 0.5, "epsilon": 0.1}),
+              ("breadcrumbs", {"density": 0.8}), ("model_stock", {}), ("task_arithmetic", {"lambda": 0.7}),
+              ("ties", {"density": 0.3, "semantics": "mergekit", "weight": [0.6, 0.9]})]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu():
+@pytest.mark.parametrize("method,kw", CUDA_CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CUDA_CASES)])
+def test_cuda_matches_cpu(method, kw):
+    # the same (seed, tensor name) masks on either device: DARE/DELLA draw on a CPU generator
+    sb = sd(tiny_bert(0))
+    fts = [sd(perturbed(tiny_bert(0), seed=9)), sd(perturbed(tiny_bert(0), seed=10))]
+    if method == "slerp":  # base + exactly one model
+        fts = fts[:1]
+    cpu = merge(sb, fts, method, progress=False, **kw)
+    gpu = merge(sb, fts, method, device="cuda", progress=False, **kw)
+    for k in cpu:
+        assert gpu[k].device.type == "cpu"
+        assert torch.allclose(cpu[k], gpu[k], atol=1e-5), (method, k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_refuses_nan_input_and_overflowing_output(tmp_path):
     sb, sf = sd(tiny_bert(0)), sd(perturbed(tiny_bert(0), seed=9))
-    for method, kw in (("ties", {"density": 0.3}), ("dare_ties", {"p": 0.5}), ("slerp", {"t": 0.3})):
-        cpu = merge(sb, [sf], method, progress=False, **kw)
-        gpu = merge(sb, [sf], method, device="cuda", progress=False, **kw)
-        for k in cpu:
-            assert gpu[k].device.type == "cpu"
-            assert torch.allclose(cpu[k], gpu[k], atol=1e-5), (method, k)
+    k = "pooler.dense.weight"
+    bad = dict(sf)
+    bad[k] = sf[k].clone()
+    bad[k].view(-1)[3] = float("nan")
+    with pytest.raises(CheckpointError, match=k):
+        merge(sb, [bad], "ties", density=0.3, device="cuda", progress=False)
+    big = {n: (t * 1e8 if t.is_floating_point() else t) for n, t in sf.items()}
+    with pytest.raises(ParameterError, match="float16"):
+        merge(sb, [big], "task_arithmetic", device="cuda", dtype="float16", out=tmp_path / "m", progress=False)
+    assert not (tmp_path / "m").exists()
 
 
 # ------------------------------------------------------------------------------------------------
