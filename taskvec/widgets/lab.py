@@ -135,7 +135,7 @@ class ZooLab:
         """{task: bool tensor, one entry per evaluated example} of `weights` (None = the base), each task with
         its own frozen head. Tasks without `split` (e.g. "shift", which only some tasks have) are skipped.
 
-        Outcomes are cached by a fingerprint of the weights (BLAKE2b of every tensor's bytes), in memory and in
+        Outcomes are cached by a fingerprint of the weights (SHA-256 of every tensor's bytes), in memory and in
         the zoo's ``eval-cache/``: a merge that another cell, notebook or the demo already scored on the same
         examples is not evaluated again (``TASKVEC_EVAL_CACHE=0`` turns the disk cache off)."""
         from taskvec.eval.classification import predict
@@ -193,7 +193,8 @@ class ZooLab:
         import json
 
         limit = {"val": self.val_limit, "test": self.limit}.get(split)
-        deps = self._file_deps([f"heads/{task}", f"data/{task}"])
+        # the base too: tensors equal to it are fingerprinted as "= base", and it supplies the non-float buffers
+        deps = self._file_deps(["base", f"heads/{task}", f"data/{task}"])
         if deps is None:  # a zoo without cache entries (the head or data file unknown): memory only
             return f"mem-{fingerprint}-{task}-{split}-{limit}-{self.seed}"
         key = json.dumps({"weights": fingerprint, "task": task, "split": split, "limit": limit, "seed": self.seed,
