@@ -148,7 +148,8 @@ class ZooLab:
             if self.has_split(task, split):
                 wanted.append(task)
         fingerprint = self._fingerprint(state)
-        out = {t: self._cached_outcome(fingerprint, t, split) for t in wanted}
+        keys = {t: self._outcome_key(fingerprint, t, split) for t in wanted}
+        out = {t: self._cached_outcome(keys[t], t, split) for t in wanted}
         todo = [t for t in wanted if out[t] is None]
         if todo:
             missing = self.model.load_state_dict(state, strict=False).missing_keys
@@ -159,7 +160,7 @@ class ZooLab:
                 texts, labels = self._examples(task, split)
                 pred = predict(self.model, self._heads[task], self.tokenizer, texts, max_length=self.max_length)
                 out[task] = pred == torch.tensor(labels)
-                self._store_outcome(fingerprint, task, split, out[task])
+                self._store_outcome(keys[task], out[task])
         return out
 
     # ------------------------------------------------------------ outcome cache
@@ -208,9 +209,8 @@ class ZooLab:
             return None
         return self.zoo.root / "eval-cache" / "outcomes" / f"{key}.pt"
 
-    def _cached_outcome(self, fingerprint: str, task: str, split: str) -> torch.Tensor | None:
+    def _cached_outcome(self, key: str, task: str, split: str) -> torch.Tensor | None:
         memory = self.__dict__.setdefault("_outcomes", {})
-        key = self._outcome_key(fingerprint, task, split)
         if key in memory:
             return memory[key]
         path = self._outcome_path(key)
@@ -225,8 +225,7 @@ class ZooLab:
                 return cached
         return None
 
-    def _store_outcome(self, fingerprint: str, task: str, split: str, outcome: torch.Tensor) -> None:
-        key = self._outcome_key(fingerprint, task, split)
+    def _store_outcome(self, key: str, outcome: torch.Tensor) -> None:
         self.__dict__.setdefault("_outcomes", {})[key] = outcome
         path = self._outcome_path(key)
         if path is not None:
