@@ -100,6 +100,12 @@ def test_analysis_plots_have_titles_labels_and_numeric_layer_order():
     expected = ["embeddings"] + [str(i) for i in range(12)] + ["other"]  # 2 before 10, layer 0 at the top
     assert _labels(ax, "y") == expected
 
+    # many pairs (9 vectors: 36 pairs, more than the 14 layer groups): one row per pair, groups along x
+    many = {f"t{i}": tvs["math"] if i % 2 else tvs["code"] for i in range(9)}
+    ax = cosine_matrix(many).plot("layer").axes[0]
+    assert ax.get_ylabel() == "task-vector pair" and len(_labels(ax, "y")) == 36
+    assert _labels(ax, "x") == expected
+
     ax = sign_conflicts(tvs, density=0.5).plot("layer_module").axes[0]
     assert _labels(ax, "y") == expected
     assert _labels(ax, "x") == ["attn_q", "mlp_down", "embedding", "norm"]

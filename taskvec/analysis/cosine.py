@@ -157,12 +157,16 @@ class CosineMatrix(AnalysisResult):
                     from taskvec.viz import symmetric_limit
 
                     lim = symmetric_limit(table.to_numpy(), floor=0.01)
-                h = max(3.2, 0.32 * len(table) + 1.6)
+                what = "layer" if by == "layer" else "module type" if by == "module" else "group"
+                xlabel, ylabel = "task-vector pair", what
+                if table.shape[1] > max(8, len(table)):
+                    # many pairs (8 tasks: 28): pairs down the rows, so the figure grows in height, not width
+                    table, xlabel, ylabel = table.T, what, "task-vector pair"
+                h = max(3.2, 0.36 * len(table) + 1.6)
                 w = max(4.8, 1.25 * table.shape[1] + 3.2)
                 fig, ax = new_figure(figsize=(w, h))
-                what = "layer" if by == "layer" else "module type" if by == "module" else "group"
-                heatmap(ax, table, title=f"Task-vector cosine similarity per {what}", xlabel="task-vector pair",
-                        ylabel=what, cbar_label="cosine", diverging=True, vmax=lim, fmt=".3f" if lim <= 0.1 else ".2f")
+                heatmap(ax, table, title=f"Task-vector cosine similarity per {what}", xlabel=xlabel,
+                        ylabel=ylabel, cbar_label="cosine", diverging=True, vmax=lim, fmt=".3f" if lim <= 0.1 else ".2f")
                 if empty:
                     ax.text(0.0, -0.02, f"no change (all-zero deltas), not shown: {', '.join(empty)}", transform=fig.transFigure,
                             fontsize=8.5, color="0.3", va="bottom")
