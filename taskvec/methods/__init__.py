@@ -10,6 +10,18 @@ from .dare import check_drop_rate, dare_drop, tensor_generator
 from .model_stock import model_stock
 from .registry import METHODS, MergeMethod, Param, get_method, register, resolve_value
 from .slerp import check_t, lerp, slerp
+from .spectral import (
+    check_fraction,
+    consensus,
+    iso_c,
+    iso_cts,
+    keep_rank,
+    low_rank_approx,
+    polar_factor,
+    tall_masks,
+    top_svd,
+    tsv_merge,
+)
 from .sparsify import (
     MagnitudeSelector,
     check_density,
@@ -34,7 +46,8 @@ def ties_merge(base, tensors, *, density=0.2, lam=1.0, consensus="mass", weights
 
 __all__ = [
     "METHODS", "MagnitudeSelector", "MergeMethod", "Param", "agreement", "analogy", "check_density",
-    "check_drop_rate", "check_t", "combine_deltas", "dare_drop", "della_magprune", "disjoint_mean",
+    "check_drop_rate", "check_fraction", "check_t", "consensus", "iso_c", "iso_cts", "keep_rank", "low_rank_approx",
+    "polar_factor", "tall_masks", "top_svd", "tsv_merge", "combine_deltas", "dare_drop", "della_magprune", "disjoint_mean",
     "elect_sign", "fisher_merge", "fisher_norm", "fisher_norms", "get_method", "global_magnitude_threshold", "keep_count",
     "kth_largest_abs", "lerp", "linear_average", "model_stock", "negate", "regmean_merge", "register",
     "resolve_value", "slerp", "task_arithmetic", "tensor_generator", "ties_merge", "trim_breadcrumbs",

@@ -27,7 +27,8 @@ What `weight < 0` means, method by method:
   * ties, dare_ties, breadcrumbs_ties, della (sign election): refused under "paper"
     semantics, where it would contradict the elected sign; under "mergekit" -|w| tau
     votes, and with normalize a warning says where the divisor flips it (ties.py);
-  * fisher: scales that model's Fisher weight; slerp, model_stock, regmean: no weights.
+  * fisher: scales that model's Fisher weight; slerp, model_stock, regmean, tsv_m, iso_c, iso_cts,
+    consensus: no weights.
 
 Integer / bool tensors carry no task vector: `merge_tensor` returns a copy of the
 base's (the first model's without a base), as whole-model `merge()` does.
@@ -45,6 +46,7 @@ from .arithmetic import linear_average
 from .dare import dare_drop, tensor_generator
 from .model_stock import model_stock
 from .slerp import slerp
+from .spectral import consensus, iso_c, iso_cts, tsv_merge
 from .sparsify import RESCALES, della_magprune, trim_breadcrumbs, trim_topk
 from .statistics import FISHER_FLOORS, fisher_merge, fisher_norms, regmean_merge, transposed_names
 from .ties import check_weight_signs, combine_deltas
@@ -448,6 +450,26 @@ def _regmean(base, tensors, name, p):
     return regmean_merge(tensors, grams, alpha=p["alpha"], transposed=bool(p["transposed"]))
 
 
+def _spectral_kernel(merge_matrices: Callable[[list, dict], torch.Tensor]) -> Kernel:
+    """SVD merges (spectral.py): matrices through `merge_matrices`, other tensors the mean of tau; base + lambda Delta."""
+
+    def kernel(base, tensors, name, p):
+        deltas = [t - base for t in tensors]
+        matrix = deltas[0].dim() == 2 and min(deltas[0].shape) > 0
+        if matrix and not p["svd_embeddings"]:
+            from ..analysis.naming import module_type  # lazy: taskvec.analysis imports methods
+
+            matrix = module_type(name) != "embedding"
+        delta = merge_matrices(deltas, p) if matrix else torch.stack(deltas).mean(dim=0)
+        return delta.mul_(_lam(p)).add_(base)
+
+    return kernel
+
+
+def _consensus(base, tensors, name, p):
+    return consensus([t - base for t in tensors], p["k"], p["mask_lambda"]).mul_(_lam(p)).add_(base)
+
+
 def _passthrough(base, tensors, name, p):
     return tensors[0].clone()
 
@@ -538,6 +560,11 @@ def _gta(name, summary, sparsifier, consensus, normalize_default, extra, referen
     )
 
 
+SVD_EMBEDDINGS = Param(
+    "svd_embeddings", True, "decompose 2-D embedding tables like other matrices (the reference code); "
+    "False: average them like non-2-D tensors", kind="bool",
+)
+
 # per model, as mergekit 0.1.5's della/della_linear (ParameterScope.NON_BASE)
 _EPSILON = Param("epsilon", 0.15, "keep probabilities span density +- epsilon", per_model=True, low=0.0, high=1.0,
                  high_open=True)
@@ -623,6 +650,33 @@ _METHOD_LIST = [
          Param("transposed", None, "weights stored [in, out] (GPT-2 Conv1D); default: the Gram mappings' "
                ".transposed", kind="bool", nullable=True)),
         needs_base=False, reference="https://arxiv.org/abs/2212.09849",
+    ),
+    MergeMethod(
+        "tsv_m", "TSV-M: each task's top r/T singular triplets, decorrelated (polar factors of U, V)",
+        _spectral_kernel(lambda deltas, p: tsv_merge(deltas)), (LAMBDA, SVD_EMBEDDINGS),
+        needs_base=True, reference="https://arxiv.org/abs/2412.00081",
+    ),
+    MergeMethod(
+        "iso_c", "Iso-C: SVD of sum_t tau_t with every singular value set to their mean",
+        _spectral_kernel(lambda deltas, p: iso_c(deltas)), (LAMBDA, SVD_EMBEDDINGS),
+        needs_base=True, reference="https://arxiv.org/abs/2502.04959",
+    ),
+    MergeMethod(
+        "iso_cts", "Iso-CTS: common subspace of sum_t tau_t + task-specific directions, isotropic spectrum",
+        _spectral_kernel(lambda deltas, p: iso_cts(deltas, p["common_space_fraction"])),
+        (Param("common_space_fraction", 0.8, "share of the rank kept for the common subspace of sum_t tau_t",
+               low=0.0, high=1.0),
+         LAMBDA, SVD_EMBEDDINGS),
+        needs_base=True, reference="https://arxiv.org/abs/2502.04959",
+    ),
+    MergeMethod(
+        "consensus", "Consensus (TALL masks): sum_t tau_t where at least k tasks' masks keep the weight",
+        _consensus,
+        (Param("k", 2, "keep weights that at least k tasks' TALL masks select", kind="int", low=0),
+         Param("mask_lambda", 0.6, "TALL mask threshold: |tau_t| >= lambda |tau_MTL - tau_t|", per_model=True,
+               low=0.0, aliases=("tall_mask_lambda",)),
+         LAMBDA),
+        needs_base=True, reference="https://arxiv.org/abs/2405.07813",
     ),
     MergeMethod(
         "passthrough", "copy one model's tensors (layer stacking: taskvec.merging.passthrough)", _passthrough,
