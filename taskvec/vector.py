@@ -130,6 +130,22 @@ class _Stored(_Atom):
         return d.float() if d.dtype != torch.float32 else d.clone()
 
 
+class _LowRank(_Atom):
+    """TSV-C: another vector's 2-D deltas truncated to their top ceil(fraction * rank) singular triplets."""
+
+    def __init__(self, inner: "TaskVector", fraction: float):
+        self.inner, self.fraction = inner, fraction
+        self.label = f"{inner.expression} @ rank {fraction:g}"
+        self.metas = dict(inner.metas)
+        self.skipped = {}
+
+    def delta(self, key: str) -> torch.Tensor:
+        from taskvec.methods.spectral import low_rank_approx
+
+        d = self.inner[key]
+        return low_rank_approx(d, self.fraction) if d.dim() == 2 else d
+
+
 def _fmt_coef(c: float) -> str:
     return f"{c:g}"
 
@@ -304,6 +320,20 @@ class TaskVector(Mapping):
             parts.append(("-" if c < 0 else "") + f"{mag}τ[{labels[aid]}]" if not parts else f" {sign} {mag}τ[{labels[aid]}]")
         return "".join(parts) or "0"
 
+    def low_rank(self, fraction: float) -> "TaskVector":
+        """TSV-C (Gargiulo et al. 2025): a lazy vector whose 2-D deltas keep only their top
+        ceil(fraction * rank) singular triplets (rank = the smaller dimension); other tensors are kept.
+
+        fraction in (0, 1]; 1 reproduces tau exactly. SVDs are exact up to 2**24 entries per matrix,
+        randomised (seeded) beyond (`taskvec.methods.spectral.top_svd`).
+        """
+        from taskvec.methods.spectral import check_fraction
+
+        fraction = check_fraction(fraction)
+        return TaskVector([(1.0, _LowRank(self, fraction))], base=self.base, base_name=self.base_name,
+                          base_fingerprint=self.base_fingerprint, skipped=self.skipped,
+                          provenance=self.provenance + [f"low rank ({fraction:g} of each matrix's rank)"])
+
     # ---------------------------------------------------------------- numbers
     @property
     def num_parameters(self) -> int:
@@ -394,6 +424,8 @@ class TaskVector(Mapping):
     def _sources(self) -> list[Source]:
         found: list[Source] = []
         for _, a in self._terms:
+            if isinstance(a, _LowRank):
+                found += a.inner._sources()
             for attr in ("base", "ft", "source", "lora"):
                 s = getattr(a, attr, None)
                 if isinstance(s, Source):
