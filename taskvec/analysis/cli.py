@@ -1,4 +1,5 @@
-"""`taskvec analyze BASE FT1 [FT2 ...] --out DIR`: profile, cosine matrix, sign conflicts -> CSVs + figures."""
+"""`taskvec analyze BASE FT1 [FT2 ...] --out DIR`: profile, cosine matrix, sign conflicts (and with
+--spectral the task matrices' spectra and interference) -> CSVs + figures."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scope", choices=("tensor", "global"), default="tensor",
                    help="trim scope: top-k per tensor (mergekit, default) or over the whole vector (TIES paper)")
     p.add_argument("--curve", action="store_true", help="also compute sign conflicts vs density (one more pass)")
+    p.add_argument("--spectral", action="store_true",
+                   help="also the task matrices' spectra (ranks, energy curves) and, with >= 2 models, singular "
+                        "task interference, principal angles, subspace alignment and TALL-mask shares (two more passes)")
     p.add_argument("--eps", type=float, default=1e-6, help="|tau| <= eps counts as ~zero in the profile (default 1e-6)")
     p.add_argument("--title", help="caption on every figure (default: 'task vectors of FT... relative to BASE')")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -84,6 +88,8 @@ def run(args: argparse.Namespace) -> Path:
                 figures.append((curve.plot(), "conflicts-vs-density"))
         else:
             summary += ["(one task vector: cosine matrix and sign conflicts need at least two)"]
+        if args.spectral:
+            figures += _spectral(tvs, tmp, summary)
 
         if not args.no_figures:
             caption = args.title or f"task vectors of {', '.join(names)} relative to {_label(args.base)}"
@@ -98,6 +104,25 @@ def run(args: argparse.Namespace) -> Path:
     print("\n".join(summary))
     print(f"wrote {out}")
     return out
+
+
+def _spectral(tvs, tmp: Path, summary: list[str]) -> list[tuple[object, str]]:
+    """--spectral: spectral-*.csv and interference-*.csv, their summaries, and the figures to save."""
+    from taskvec.analysis import spectral_interference, spectral_profile
+
+    prof = spectral_profile(tvs)
+    prof.to_csv(tmp)
+    summary += ["## spectra of the task matrices"] + prof.summary() + [""]
+    if prof.tensors.empty:
+        return []
+    figures = [(prof.plot("curves", vector=n), f"spectral-energy-{n}") for n in prof.task_names]
+    figures.append((prof.plot("heatmap"), "spectral-rank-heatmap"))
+    if len(tvs) >= 2:
+        inter = spectral_interference(tvs)
+        inter.to_csv(tmp)
+        summary += ["## interference in the singular vectors"] + inter.summary() + [""]
+        figures += [(inter.plot(kind), f"interference-{kind}") for kind in ("sti", "angles", "alignment", "tall")]
+    return figures
 
 
 def main(argv: list[str]) -> int:
