@@ -355,7 +355,7 @@ def test_spectral_interference_tables_by_hand():
     assert al1.loc["b", "sar"] == pytest.approx(math.sqrt(9 / 10), rel=1e-5)
     # TALL labels of the bias [1, 0] + [1, 0]: entry 0 general (both >= 0.6 * 1), entry 1 unchanged
     tall = res.tall.set_index("tensor").loc["encoder.layer.0.attention.self.query.bias"]
-    assert (tall["general"], tall["zero"], tall["selfish"], tall["catastrophic"]) == (1, 1, 0, 0)
+    assert (tall["general"], tall["unchanged"], tall["selfish"], tall["catastrophic"]) == (1, 1, 0, 0)
     assert res.layer_tall().loc["0"].sum() == pytest.approx(1.0)
     assert "TALL masks" in repr(res) and list(res.layer_pairs("sti").columns) == ["a · b"]
 

@@ -30,7 +30,7 @@ threshold k_M is at most 256). The merged
 update is task arithmetic's sum_t tau_t unless `merged` names a method or gives the deltas.
 And for every float tensor the TALL-mask labels (Wang et al. 2024): per weight,
 sum_t m_t with m_t = 1{|tau_t| >= lambda |tau_MTL - tau_t|}: 0 catastrophic, 1 selfish,
->= 2 general (weights no task changes are counted apart, as "zero": every mask holds them).
+>= 2 general (weights no task changes are counted apart, as "unchanged": every mask holds them).
 
 Exact SVD up to `exact_max_numel` entries (2**24); larger matrices use randomised SVD
 (torch.svd_lowrank, seeded, `lowrank_rank` = 256 triplets for the profile): their
@@ -278,7 +278,7 @@ class SpectralInterference(AnalysisResult):
 
     `pairs`: tensor, layer, module, task_a, task_b, k, sti, mean_cos, min_angle_deg, mean_angle_deg.
     `alignment`: tensor, layer, module, task, k_M, proj_sq, norm_sq, sar.
-    `tall`: tensor, layer, module, numel, zero, catastrophic, selfish, general (weight counts).
+    `tall`: tensor, layer, module, numel, unchanged, catastrophic, selfish, general (weight counts).
     """
 
     task_names: list[str]
@@ -311,9 +311,9 @@ class SpectralInterference(AnalysisResult):
         return self._sorted(sar.unstack("task"))[self.task_names].rename_axis(columns=None)
 
     def layer_tall(self) -> pd.DataFrame:
-        """Layer x label: the share of the layer's weights that are catastrophic / selfish / general (and zero)."""
-        g = self.tall.groupby("layer", sort=False)[["numel", "zero", *TALL_LABELS]].sum()
-        return self._sorted(g[["zero", *TALL_LABELS]].div(g["numel"], axis=0))
+        """Layer x label: the share of the layer's weights that are unchanged / catastrophic / selfish / general."""
+        g = self.tall.groupby("layer", sort=False)[["numel", "unchanged", *TALL_LABELS]].sum()
+        return self._sorted(g[["unchanged", *TALL_LABELS]].div(g["numel"], axis=0))
 
     def tables(self) -> dict[str, pd.DataFrame]:
         return {"pairs": self.pairs, "alignment": self.alignment, "tall": self.tall,
@@ -334,9 +334,9 @@ class SpectralInterference(AnalysisResult):
             lines.append(f"subspace alignment with the merged update ({self.merged}, k_M at epsilon={self.epsilon:g}): "
                          + ", ".join(f"{t} {v:.3f}" for t, v in sar.items()))
         if not self.tall.empty:
-            s = self.tall[["zero", *TALL_LABELS]].sum() / self.tall["numel"].sum()
+            s = self.tall[["unchanged", *TALL_LABELS]].sum() / self.tall["numel"].sum()
             lines.append(f"TALL masks (lambda={self.mask_lambda}): catastrophic {s['catastrophic']:.1%}, selfish "
-                         f"{s['selfish']:.1%}, general {s['general']:.1%} of the weights (unchanged: {s['zero']:.1%})")
+                         f"{s['selfish']:.1%}, general {s['general']:.1%} of the weights (unchanged: {s['unchanged']:.1%})")
         return lines or ["nothing to compare"]
 
     def _main_table(self) -> pd.DataFrame:
@@ -363,7 +363,7 @@ class SpectralInterference(AnalysisResult):
         }
         title, cbar, fmt = titles[kind]
         with style():
-            fig, ax = new_figure(figsize=(max(4.8, 1.2 * table.shape[1] + 3.2), max(3.2, 0.32 * len(table) + 1.6)))
+            fig, ax = new_figure(figsize=(max(6.4, 1.2 * table.shape[1] + 3.2), max(3.2, 0.32 * len(table) + 1.6)))
             heatmap(ax, table, title=title, xlabel=xlabel, ylabel="layer", cbar_label=cbar, fmt=fmt, vmin=0,
                     vmax=1.0 if kind in ("angles", "alignment") else None)
         return fig
@@ -424,7 +424,7 @@ def spectral_interference(tvs, *, names=None, fraction: float = 0.1, merged=None
         where = {"tensor": key, "layer": layer_label(key), "module": module_type(key)}
         counts = tall_masks(deltas, mask_lambda).sum(dim=0)
         zero = torch.stack(deltas).eq(0).all(dim=0)
-        tall.append({**where, "numel": counts.numel(), "zero": int(zero.sum()),
+        tall.append({**where, "numel": counts.numel(), "unchanged": int(zero.sum()),
                      "catastrophic": int((counts == 0).sum()), "selfish": int((counts == 1).sum()),
                      "general": int(((counts >= 2) & ~zero).sum())})
         if deltas[0].dim() != 2 or min(deltas[0].shape) == 0:
@@ -462,5 +462,5 @@ def spectral_interference(tvs, *, names=None, fraction: float = 0.1, merged=None
         pairs=pd.DataFrame(pairs, columns=["tensor", "layer", "module", "task_a", "task_b", "k", "sti", "mean_cos",
                                            "min_angle_deg", "mean_angle_deg"]),
         alignment=pd.DataFrame(alignment, columns=["tensor", "layer", "module", "task", "k_M", "proj_sq", "norm_sq", "sar"]),
-        tall=pd.DataFrame(tall, columns=["tensor", "layer", "module", "numel", "zero", *TALL_LABELS]),
+        tall=pd.DataFrame(tall, columns=["tensor", "layer", "module", "numel", "unchanged", *TALL_LABELS]),
     )
