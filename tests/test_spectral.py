@@ -406,6 +406,11 @@ def test_results_plot_and_write_csvs(tmp_path):
         prof.plot("pie")
     with pytest.raises(ParameterError, match="vector"):
         prof.plot("curves", vector="zzz")
+    # 5 tasks, 10 pairs, 1 layer: pairs go down the rows instead of 10 columns wide
+    wide = spectral_interference({n: {keys[0]: torch.randn(4, 3, generator=g)} for n in "abcde"})
+    fig = wide.plot("sti")
+    assert fig.axes[0].get_ylabel() == "task pair" and len(fig.axes[0].get_yticklabels()) == 10
+    plt.close(fig)
     names = {p.name for p in prof.to_csv(tmp_path) + inter.to_csv(tmp_path)}
     assert {"spectral-tensors.csv", "spectral-layer_curves.csv", "interference-pairs.csv",
             "interference-layer_sti.csv", "interference-layer_tall.csv"} <= names

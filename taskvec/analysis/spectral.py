@@ -362,9 +362,13 @@ class SpectralInterference(AnalysisResult):
             "tall": (f"TALL-mask labels per layer (lambda = {self.mask_lambda})", "weights (%)", ".1f"),
         }
         title, cbar, fmt = titles[kind]
+        ylabel = "layer"
+        if table.shape[1] > max(8, len(table)):
+            # many pairs (8 tasks: 28): pairs down the rows, so the figure grows in height, not width (as cosine.py)
+            table, xlabel, ylabel = table.T, ylabel, xlabel
         with style():
-            fig, ax = new_figure(figsize=(max(6.4, 1.2 * table.shape[1] + 3.2), max(3.2, 0.32 * len(table) + 1.6)))
-            heatmap(ax, table, title=title, xlabel=xlabel, ylabel="layer", cbar_label=cbar, fmt=fmt, vmin=0,
+            fig, ax = new_figure(figsize=(max(6.4, 1.2 * table.shape[1] + 3.2), max(3.2, 0.36 * len(table) + 1.6)))
+            heatmap(ax, table, title=title, xlabel=xlabel, ylabel=ylabel, cbar_label=cbar, fmt=fmt, vmin=0,
                     vmax=1.0 if kind in ("angles", "alignment") else None)
         return fig
 
