@@ -286,12 +286,12 @@ def plot_t_table(tables: Mapping[str, pd.DataFrame], title: str = "Per-layer t r
 
 def encoder_accuracy(lab, encoder, *, split: str = "test", tasks: Sequence[str] | None = None) -> dict[str, float]:
     """Accuracy of any encoder module (e.g. a deeper passthrough model) with the lab's frozen heads,
-    on the same evaluation subsets `lab.accuracy` uses."""
+    on the same evaluation subsets `lab.accuracy` uses (default: every task the lab scores, held-out ones too)."""
     from taskvec.eval.classification import accuracy_from_predictions, predict
 
     encoder.eval()
     out = {}
-    for task in (tasks or lab.tasks + lab.control):
+    for task in (tasks or lab.all_tasks):
         texts, labels = lab._examples(task, split)
         pred = predict(encoder, lab._heads[task], lab.tokenizer, texts, max_length=lab.max_length)
         out[task] = accuracy_from_predictions(pred, labels)
