@@ -474,3 +474,44 @@ def test_cli_spectral_adds_the_spectral_csvs(models, tmp_path, capsys):
 
     t = pd.read_csv(out / "spectral-tensors.csv")
     assert list(t["vector"]) == ["a", "b", "c"] and set(t["rank"]) == {6}
+
+
+def test_sti_norm_choices_entrywise_and_induced():
+    g = torch.Generator().manual_seed(31)
+    t1, t2 = (torch.randn(6, 4, generator=g, dtype=F64) for _ in range(2))
+    (U1, S1, V1h), (U2, S2, V2h) = (torch.linalg.svd(t, full_matrices=False) for t in (t1, t2))
+    U, V = torch.cat([U1, U2], 1), torch.cat([V1h.mT, V2h.mT], 1)
+    A = ((U.mT @ U - torch.eye(8, dtype=F64)) @ torch.diag(torch.cat([S1, S2])) @ (V.mT @ V - torch.eye(8, dtype=F64))).abs()
+    args = ([U1, U2], [S1, S2], [V1h, V2h])
+    assert singular_task_interference(*args) == pytest.approx(float(A.sum()), rel=1e-10)
+    assert singular_task_interference(*args, norm="induced") == pytest.approx(float(A.sum(0).max()), rel=1e-10)
+    assert singular_task_interference(*args, norm="induced") == pytest.approx(
+        float(torch.linalg.matrix_norm(A, ord=1)), rel=1e-10)
+    with pytest.raises(ParameterError, match="norm"):
+        singular_task_interference(*args, norm="l1")
+    w = "encoder.layer.0.attention.self.query.weight"
+    a, b = {w: t1.float()}, {w: t2.float()}
+    e = spectral_interference({"a": a, "b": b}, fraction=1.0).pairs.iloc[0]["sti"]
+    i = spectral_interference({"a": a, "b": b}, fraction=1.0, sti_norm="induced").pairs.iloc[0]["sti"]
+    assert 0 < i < e
+    with pytest.raises(ParameterError, match="sti_norm"):
+        spectral_interference({"a": a, "b": b}, sti_norm="fro")
+
+
+def test_untouched_matrices_skip_the_svd_and_give_the_same_numbers():
+    w, z = "encoder.layer.0.attention.self.query.weight", "embeddings.word_embeddings.weight"
+    g = torch.Generator().manual_seed(32)
+    a = {w: torch.randn(6, 5, generator=g), z: torch.zeros(9, 4)}
+    b = {w: torch.randn(6, 5, generator=g), z: torch.zeros(9, 4)}
+    for fn in (tsv_merge, iso_c, lambda d: iso_cts(d, 0.5)):
+        assert torch.equal(fn([a[z], b[z]]), torch.zeros(9, 4))
+    assert torch.equal(low_rank_approx(a[z], 0.5), torch.zeros(9, 4))
+    prof = spectral_profile({"a": a}).tensors.set_index("tensor")
+    assert prof.loc[z, "stable_rank"] == 0 and prof.loc[z, "rank_90"] == 0
+    res = spectral_interference({"a": a, "b": b}, fraction=1.0)
+    p = res.pairs.set_index("tensor")
+    assert math.isnan(p.loc[z, "mean_cos"]) and p.loc[z, "sti"] == 0.0
+    induced = spectral_interference({"a": a, "b": b}, fraction=1.0, sti_norm="induced").pairs.set_index("tensor")
+    assert induced.loc[z, "sti"] == 0.0
+    al = res.alignment.set_index(["tensor", "task"])
+    assert al.loc[(z, "a"), "k_M"] == 0 and math.isnan(al.loc[(z, "a"), "sar"])

@@ -111,7 +111,7 @@ def low_rank_approx(delta: torch.Tensor, fraction: float, **svd_kw) -> torch.Ten
     if delta.dim() != 2:
         raise ParameterError(f"low_rank_approx: expected a 2-D delta, got shape {tuple(delta.shape)}")
     k = keep_rank(min(delta.shape), fraction)
-    if k == min(delta.shape):
+    if k == min(delta.shape) or not bool(delta.any()):  # all of it, or an untouched (zero) matrix: no SVD
         return delta.clone()
     return compose(*top_svd(delta, k, **svd_kw))
 
@@ -129,6 +129,11 @@ def _check_deltas(deltas: Sequence[torch.Tensor], what: str) -> None:
         raise ParameterError(f"{what}: no task matrices given")
     if deltas[0].dim() != 2:
         raise ParameterError(f"{what}: expected 2-D task matrices, got shape {tuple(deltas[0].shape)}")
+
+
+def _all_zero(deltas: Sequence[torch.Tensor]) -> bool:
+    """Every task matrix is exactly zero (the merge is zero; skipping the SVD changes no number)."""
+    return not any(bool(d.any()) for d in deltas)
 
 
 def drop_null_triplets(U, S, Vh, sigma_max, shape) -> tuple:
@@ -162,6 +167,8 @@ def tsv_merge(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     k = min(shape) // T
     if k == 0:
         return torch.stack(list(deltas)).mean(dim=0)
+    if _all_zero(deltas):  # untouched by every task (e.g. frozen word embeddings): nothing to decompose
+        return torch.zeros_like(deltas[0])
     blocks = []
     for d in deltas:
         U, S, Vh = torch.linalg.svd(d, full_matrices=False)
@@ -178,6 +185,8 @@ def iso_c(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     _check_deltas(deltas, "iso_c")
     total = torch.stack(list(deltas)).sum(dim=0)
+    if not bool(total.any()):  # a zero sum has no singular directions: the merge is zero, no SVD needed
+        return torch.zeros_like(total)
     U, S, Vh = torch.linalg.svd(total, full_matrices=False)
     U, S, Vh = drop_null_triplets(U, S, Vh, S[0], total.shape)
     return (U @ Vh).mul_(S.mean()) if len(S) else torch.zeros_like(total)
@@ -202,6 +211,8 @@ def iso_cts(deltas: Sequence[torch.Tensor], common_space_fraction: float = 0.8) 
     _check_deltas(deltas, "iso_cts")
     shape = deltas[0].shape
     c, k = iso_cts_split(min(shape), len(deltas), common_space_fraction)
+    if _all_zero(deltas):
+        return torch.zeros_like(deltas[0])
     total = torch.stack(list(deltas)).sum(dim=0)
     U, S, Vh = torch.linalg.svd(total, full_matrices=False)
     U, S, Vh = drop_null_triplets(U, S, Vh, S[0], shape)
