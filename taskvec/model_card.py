@@ -15,8 +15,8 @@ from pathlib import Path
 from string import Template
 from typing import TYPE_CHECKING, Mapping
 
-if TYPE_CHECKING:
-    from taskvec.config import MergeConfig
+if TYPE_CHECKING:  # for annotations only: the card reads what it needs off the config it is given
+    from taskvec.config.parse import MergeConfig
 
 TAGS = ("merge", "taskvec", "mergekit-compatible")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")  # org/name; local paths (/x, ./x, a/b/c) are not
@@ -96,9 +96,8 @@ def render_model_card(config: "MergeConfig", *, name: str | None = None,
     bullets = [f"* `{m}`" for m in models if m != base] or ["* (none)"]
     notes = ""
     if config.no_effect:
-        from taskvec.config import NO_EFFECT
-
-        lines = [f"* `{k}: {v}` — {NO_EFFECT.get(k, 'no effect in taskvec')}" for k, v in config.no_effect.items()]
+        reasons = config.no_effect_reasons()
+        lines = [f"* `{k}: {v}` — {reasons[k]}" for k, v in config.no_effect.items()]
         notes = "\nOptions in the configuration that have no effect in taskvec:\n" + "\n".join(lines) + "\n"
     return CARD_TEMPLATE.substitute(
         front_matter=yaml.safe_dump(metadata, sort_keys=False).rstrip(),

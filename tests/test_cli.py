@@ -112,12 +112,12 @@ def test_existing_output_is_refused_and_untouched(hub, capsys):
 
 
 def test_failure_during_the_merge_leaves_nothing(hub, capsys, monkeypatch):
-    import taskvec.config as config
+    import taskvec.config.run as run  # patched where run_config looks it up
 
     def broken(*args, **kwargs):
-        raise config.CheckpointError("disk on fire")
+        raise run.CheckpointError("disk on fire")
 
-    monkeypatch.setattr(config, "_finish_folder", broken)  # fails after the tensors were written
+    monkeypatch.setattr(run, "_finish_folder", broken)  # fails after the tensors were written
     out = hub / "cli-broken"
     assert main(["merge", str(SEED_CONFIGS[0]), str(out)]) == 1
     assert "disk on fire" in capsys.readouterr().err

@@ -1,0 +1,372 @@
+"""Parse: a mergekit YAML config -> a typed, validated `MergeConfig`.
+
+Reads the YAML (a path, YAML text or a loaded dict), checks every key and value
+against what mergekit accepts, and checks the method and its parameter names
+against taskvec's method registry. Errors name the file and the key
+(``config.yml: slices[0].sources[1].layer_range: ...``) and suggest the
+nearest valid name. Nothing here opens a model: that is `taskvec.config.plan`.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
+
+from taskvec.errors import ParameterError
+
+Scalar = Union[bool, int, float, str]
+
+
+@dataclass(frozen=True)
+class Conditional:
+    """One ``{filter: ..., value: ...}`` entry of a parameter."""
+
+    value: Any  # Scalar or tuple of Scalars (a gradient)
+    filter: str | None = None
+
+    def matches(self, tensor_name: str) -> bool:
+        return self.filter is None or self.filter == "*" or self.filter in tensor_name
+
+
+# A parameter setting: a Scalar, a tuple of Scalars (gradient), or a tuple of Conditionals.
+Setting = Any
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    model: str
+    parameters: Mapping[str, Setting] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Mapping[str, Setting] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_range[1] - self.layer_range[0]
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    sources: tuple[SliceSource, ...]
+    base_model: str | None = None
+    parameters: Mapping[str, Setting] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.sources[0].num_layers
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """A parsed mergekit YAML config. Exactly one of `models` / `slices` is set."""
+
+    merge_method: str
+    models: tuple[ModelEntry, ...] | None = None
+    slices: tuple[OutputSlice, ...] | None = None
+    base_model: str | None = None
+    parameters: Mapping[str, Setting] = field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    no_effect: Mapping[str, Any] = field(default_factory=dict)  # accepted options that change nothing here
+    text: str = ""  # the YAML as written, for the model card
+    path: Path | None = None
+
+    def referenced_models(self) -> list[str]:
+        """Every model the config names, base first, in order of appearance, without repeats."""
+        seen: dict[str, None] = {}
+        if self.base_model:
+            seen[self.base_model] = None
+        for m in self.models or ():
+            seen[m.model] = None
+        for s in self.slices or ():
+            if s.base_model:
+                seen[s.base_model] = None
+            for src in s.sources:
+                seen[src.model] = None
+        return list(seen)
+
+    def no_effect_reasons(self) -> dict[str, str]:
+        """Why each accepted option in `no_effect` changes nothing here (for the model card)."""
+        return {k: NO_EFFECT.get(k, "no effect in taskvec") for k in self.no_effect}
+
+    def __repr__(self) -> str:
+        form = f"{len(self.models)} models" if self.models else f"{len(self.slices or ())} slices"
+        return f"MergeConfig({self.merge_method!r}, {form}, base_model={self.base_model!r})"
+
+
+TOP_LEVEL_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
+                  "tokenizer_source")
+NOT_SUPPORTED_KEYS = {
+    "modules": "multi-module configs (`modules:`) are not supported; use `models:` or `slices:`",
+    "tokenizer": "the `tokenizer:` block (vocabulary surgery) is not supported; use `tokenizer_source: base` or "
+                 "a model path",
+    "chat_template": "`chat_template` is not supported; set it in the output's tokenizer_config.json after merging",
+}
+# Options mergekit accepts that change nothing in taskvec (why, for the docs and the model card).
+NO_EFFECT = {
+    "int8_mask": "mergekit stores sign masks as int8 to save memory; taskvec's masks are already boolean",
+}
+DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "float16": "float16", "fp16": "float16",
+          "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64"}
+
+
+# ---------------------------------------------------------------- parsing
+
+def _fail(where: str, msg: str) -> ParameterError:
+    return ParameterError(f"{where}: {msg}")
+
+
+def _scalar(x: Any, where: str) -> Scalar:
+    if isinstance(x, (bool, int, float, str)):
+        return x
+    raise _fail(where, f"expected a number, bool or string, got {x!r}")
+
+
+def _parse_setting(x: Any, where: str) -> Setting:
+    """Scalar | [Scalar, ...] (gradient) | {filter, value} | [{filter, value}, ...]."""
+    if isinstance(x, (bool, int, float, str)):
+        return x
+    if isinstance(x, Mapping):
+        x = [x]
+    if isinstance(x, list):
+        if not x:
+            raise _fail(where, "empty list")
+        if all(not isinstance(e, (Mapping, list)) for e in x):
+            return tuple(_scalar(e, where) for e in x)
+        conds = []
+        for i, e in enumerate(x):
+            if not isinstance(e, Mapping) or "value" not in e:
+                raise _fail(f"{where}[{i}]", f"expected {{filter: ..., value: ...}}, got {e!r}")
+            extra = set(e) - {"filter", "value"}
+            if extra:
+                raise _fail(f"{where}[{i}]",
+                            f"unknown key(s) {sorted(extra)}; a conditional value has `filter` and `value`")
+            value = e["value"]
+            w = f"{where}[{i}].value"
+            value = tuple(_scalar(v, w) for v in value) if isinstance(value, list) else _scalar(value, w)
+            flt = e.get("filter")
+            conds.append(Conditional(value=value, filter=None if flt is None else str(flt)))
+        return tuple(conds)
+    raise _fail(where, f"can't read parameter value {x!r}")
+
+
+def _parse_parameters(x: Any, where: str) -> dict[str, Setting]:
+    if x is None:
+        return {}
+    if not isinstance(x, Mapping):
+        raise _fail(where, f"expected a mapping of parameter names to values, got {x!r}")
+    return {str(k): _parse_setting(v, f"{where}.{k}") for k, v in x.items()}
+
+
+def _model_ref(x: Any, where: str) -> str:
+    if isinstance(x, Mapping) and "model" in x:  # mergekit's long form {model: {path: ...}}
+        x = x["model"]
+        if isinstance(x, Mapping):
+            x = x.get("path")
+    if not isinstance(x, str) or not x.strip():
+        raise _fail(where, f"expected a model path or hub id, got {x!r}")
+    return x.strip()
+
+
+def _check_keys(d: Mapping, allowed: Sequence[str], where: str) -> None:
+    for k in d:
+        if k not in allowed:
+            hint = difflib.get_close_matches(str(k), allowed, n=1)
+            raise _fail(where, f"unknown key {k!r}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
+                               f"supported: {', '.join(allowed)}")
+
+
+def _layer_range(x: Any, where: str) -> tuple[int, int]:
+    if (not isinstance(x, (list, tuple)) or len(x) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in x)):
+        raise _fail(where, f"expected [start, end] (two integers), got {x!r}")
+    start, end = x
+    if start < 0 or end <= start:
+        raise _fail(where, f"[{start}, {end}] is empty or negative; need 0 <= start < end")
+    return (start, end)
+
+
+def parse_config(config: str | os.PathLike | Mapping) -> MergeConfig:
+    """Read a mergekit YAML config (a path, YAML text, or an already-loaded dict) into a `MergeConfig`.
+
+    Checks the structure and names only; models are opened by `run_config`.
+    A model may be written `MODEL+LORA_ADAPTER` (mergekit's syntax): the model
+    with the LoRA adapter applied.
+    """
+    import yaml
+
+    path: Path | None = None
+    if isinstance(config, Mapping):
+        raw, text = dict(config), yaml.safe_dump(dict(config), sort_keys=False)
+    else:
+        looks_like_yaml = isinstance(config, str) and ("\n" in config or ": " in config)
+        if isinstance(config, os.PathLike) or Path(config).is_file() or not looks_like_yaml:
+            path = Path(config)
+            try:
+                text = path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                raise ParameterError(f"{path}: config file not found") from None
+        else:
+            text = str(config)
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ParameterError(f"{path or '<config>'}: not valid YAML ({e})") from None
+    where = str(path) if path else "config"
+    if not isinstance(raw, Mapping):
+        raise _fail(where, f"expected a YAML mapping at the top level, got {type(raw).__name__}")
+
+    for k in raw:
+        if k in NOT_SUPPORTED_KEYS:
+            raise _fail(where, NOT_SUPPORTED_KEYS[k])
+    _check_keys(raw, TOP_LEVEL_KEYS, where)
+    if "merge_method" not in raw:
+        raise _fail(where, "`merge_method` is missing")
+    method = str(raw["merge_method"])
+    if bool(raw.get("models")) == bool(raw.get("slices")):
+        raise _fail(where, "give exactly one of `models:` or `slices:`")
+
+    models = slices = None
+    if raw.get("models"):
+        if not isinstance(raw["models"], list):
+            raise _fail(f"{where}: models", "expected a list of `- model: ...` entries")
+        models = []
+        for i, m in enumerate(raw["models"]):
+            w = f"{where}: models[{i}]"
+            if isinstance(m, str):
+                m = {"model": m}
+            if not isinstance(m, Mapping):
+                raise _fail(w, f"expected `model: ...`, got {m!r}")
+            _check_keys(m, ("model", "parameters"), w)
+            models.append(ModelEntry(_model_ref(m.get("model"), f"{w}.model"),
+                                     _parse_parameters(m.get("parameters"), f"{w}.parameters")))
+        models = tuple(models)
+    else:
+        if not isinstance(raw["slices"], list):
+            raise _fail(f"{where}: slices", "expected a list of `- sources: [...]` entries")
+        slices = []
+        for i, s in enumerate(raw["slices"]):
+            w = f"{where}: slices[{i}]"
+            if not isinstance(s, Mapping):
+                raise _fail(w, f"expected `sources: [...]`, got {s!r}")
+            _check_keys(s, ("sources", "base_model", "parameters"), w)
+            if not isinstance(s.get("sources"), list) or not s["sources"]:
+                raise _fail(w, "`sources` must be a non-empty list")
+            sources = []
+            for j, src in enumerate(s["sources"]):
+                ws = f"{w}.sources[{j}]"
+                if not isinstance(src, Mapping):
+                    raise _fail(ws, f"expected `model: ...` and `layer_range: [start, end]`, got {src!r}")
+                _check_keys(src, ("model", "layer_range", "parameters"), ws)
+                if "layer_range" not in src:
+                    raise _fail(ws, "`layer_range: [start, end]` is missing")
+                sources.append(SliceSource(_model_ref(src.get("model"), f"{ws}.model"),
+                                           _layer_range(src["layer_range"], f"{ws}.layer_range"),
+                                           _parse_parameters(src.get("parameters"), f"{ws}.parameters")))
+            lengths = {x.num_layers for x in sources}
+            if len(lengths) > 1:
+                raise _fail(w, f"all sources of a slice must span the same number of layers, got "
+                               f"{[list(x.layer_range) for x in sources]}")
+            slices.append(OutputSlice(tuple(sources),
+                                      _model_ref(s["base_model"], f"{w}.base_model") if s.get("base_model") else None,
+                                      _parse_parameters(s.get("parameters"), f"{w}.parameters")))
+        slices = tuple(slices)
+
+    dtypes = {}
+    for key in ("dtype", "out_dtype"):
+        if raw.get(key) is not None:
+            d = str(raw[key])
+            if d not in DTYPES:
+                raise _fail(f"{where}: {key}", f"unknown dtype {d!r}; supported: {', '.join(DTYPES)}")
+            dtypes[key] = DTYPES[d]
+
+    parameters = _parse_parameters(raw.get("parameters"), f"{where}: parameters")
+    no_effect = {k: parameters.pop(k) for k in list(parameters) if k in NO_EFFECT}
+    tok = raw.get("tokenizer_source")
+    if tok is not None:
+        tok = str(tok)
+        if tok == "union":
+            raise _fail(f"{where}: tokenizer_source", "`union` (merging vocabularies) is not supported; "
+                                                      "use `base` or a model path")
+    cfg = MergeConfig(
+        merge_method=method, models=models, slices=slices,
+        base_model=_model_ref(raw["base_model"], f"{where}: base_model") if raw.get("base_model") else None,
+        parameters=parameters, dtype=dtypes.get("dtype"), out_dtype=dtypes.get("out_dtype"),
+        tokenizer_source=tok, no_effect=no_effect, text=text, path=path,
+    )
+    _check_method_and_parameters(cfg, where)
+    return cfg
+
+# ---------------------------------------------------------------- methods and their parameters
+
+def _registry():
+    from taskvec import methods
+
+    return methods
+
+
+def supported_methods() -> list[str]:
+    return sorted(_registry().METHODS)
+
+
+def _method_params(method: str) -> tuple[set[str], set[str]]:
+    """(per-model, global) parameter names `method` accepts, aliases included."""
+    spec = _registry().get_method(method)
+    per_model = {n for p in spec.params if p.per_model for n in (p.name, *p.aliases)}
+    global_ = {n for p in spec.params if not p.per_model for n in (p.name, *p.aliases)}
+    # Set by taskvec itself, never by a config.
+    return per_model - INTERNAL_PARAMS, global_ - INTERNAL_PARAMS
+
+
+# Parameters of taskvec's methods that a mergekit config must not set: `semantics` is always "mergekit" here,
+# `seed` comes from --seed, `threshold` is computed by the executor.
+INTERNAL_PARAMS = {"semantics", "seed", "threshold"}
+
+
+
+
+def _uses_base(method: str) -> bool:
+    """SLERP has no *required* base in taskvec, but a mergekit config's base_model is its t = 0 end."""
+    return method != "passthrough" and (_registry().get_method(method).needs_base or method == "slerp")
+
+
+def _check_method_and_parameters(cfg: MergeConfig, where: str) -> None:
+    import warnings
+
+    methods = supported_methods()
+    if cfg.merge_method not in methods:
+        hint = difflib.get_close_matches(cfg.merge_method, methods, n=1)
+        raise _fail(f"{where}: merge_method", f"unknown method {cfg.merge_method!r}"
+                    f"{f' (did you mean {hint[0]!r}?)' if hint else ''}; supported: {', '.join(methods)}")
+    if cfg.merge_method == "passthrough":
+        return
+    per_model, global_ = _method_params(cfg.merge_method)
+    allowed = per_model | global_
+    scopes: list[tuple[str, Mapping[str, Setting], bool]] = [("parameters", cfg.parameters, False)]
+    for i, m in enumerate(cfg.models or ()):
+        scopes.append((f"models[{i}] ({m.model}).parameters", m.parameters, True))
+    for i, s in enumerate(cfg.slices or ()):
+        scopes.append((f"slices[{i}].parameters", s.parameters, False))
+        for j, src in enumerate(s.sources):
+            scopes.append((f"slices[{i}].sources[{j}] ({src.model}).parameters", src.parameters, True))
+    for scope, params, model_scope in scopes:
+        for name in params:
+            if name in NO_EFFECT:
+                continue
+            if name not in allowed:
+                hint = difflib.get_close_matches(name, sorted(allowed), n=1)
+                raise _fail(f"{where}: {scope}", f"{cfg.merge_method} has no parameter {name!r}"
+                            f"{f' (did you mean {hint[0]!r}?)' if hint else ''}; it accepts: "
+                            f"{', '.join(sorted(allowed)) or 'none'}; accepted without effect: {', '.join(NO_EFFECT)}")
+            if model_scope and name in global_:
+                # mergekit reads global parameters only from the slice and top-level scopes; so do we.
+                warnings.warn(f"{where}: {scope}: {name!r} is a global parameter of {cfg.merge_method}; "
+                              "it has no effect here (as in mergekit) — set it under the top-level `parameters:`",
+                              stacklevel=3)
