@@ -15,8 +15,10 @@ import torch
 
 from taskvec.errors import CheckpointError
 from taskvec.io.base import Source, TensorMeta
+from taskvec.io.readers import SafetensorsSource, TorchFileSource, _read_json
 
 PEFT_PREFIX = "base_model.model."
+ADAPTER_CONFIG = "adapter_config.json"  # what marks a folder as a PEFT adapter
 
 
 def _pattern_value(module: str, patterns: dict, default):
@@ -29,8 +31,6 @@ def _pattern_value(module: str, patterns: dict, default):
 
 class LoraSource(Source):
     def __init__(self, adapter_dir: str | Path, base: Source):
-        from taskvec.io.sources import ADAPTER_CONFIG, TorchFileSource, SafetensorsSource, _read_json
-
         d = Path(adapter_dir)
         self.adapter_dir = d
         self.base = base
@@ -40,7 +40,8 @@ class LoraSource(Source):
         if not isinstance(cfg, dict) or "r" not in cfg:
             raise CheckpointError(f"{d / ADAPTER_CONFIG}: not a LoRA adapter config (no 'r')")
         if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
-            raise CheckpointError(f"{d / ADAPTER_CONFIG}: peft_type {cfg.get('peft_type')!r} is not supported (LORA only)")
+            raise CheckpointError(f"{d / ADAPTER_CONFIG}: peft_type {cfg.get('peft_type')!r} is not supported "
+                                  "(LORA only)")
         self.cfg = cfg
         if (d / "adapter_model.safetensors").is_file():
             weights: Source = SafetensorsSource([d / "adapter_model.safetensors"], str(d))
@@ -66,7 +67,8 @@ class LoraSource(Source):
             return hits[0]
         why = "no" if not hits else f"{len(hits)} ambiguous ({hits[:3]})"
         raise CheckpointError(
-            f"{self.adapter_dir}: LoRA target module {module!r} has {why} matching weight in the base model {self.base.name}"
+            f"{self.adapter_dir}: LoRA target module {module!r} has {why} matching weight in the base model "
+            f"{self.base.name}"
         )
 
     def _map_keys(self) -> None:
@@ -106,7 +108,8 @@ class LoraSource(Source):
             d = d.T if transpose else d
             want = self.base.meta(key).shape
             if tuple(d.shape) != want:
-                raise CheckpointError(f"{self.adapter_dir}: LoRA update for {key!r} has shape {tuple(d.shape)}, base has {want}")
+                raise CheckpointError(f"{self.adapter_dir}: LoRA update for {key!r} has shape {tuple(d.shape)}, "
+                                      f"base has {want}")
             return d
         if key in self._full:
             return self.adapter.get(self._full[key]).float() - self.base.get(key).float()
