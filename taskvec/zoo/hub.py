@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from taskvec.errors import CheckpointError, ParameterError
+from taskvec.zoo.base import Zoo, zoo_root
 from taskvec.zoo.cache import ZooCache, cache_dir, weights_hash
 
 # The checkpoints behind the papers' figures (EMTA, TIES, DARE, RegMean).
@@ -64,8 +65,6 @@ def fetch(repo_id: str, cache: Path, force: bool = False) -> Path:
 
 def build_hub(name: str, cache=None, rebuild: bool = False, models: list[str] | None = None):
     """Fetch a hub zoo's base and task checkpoints; manifest with SHA-256 of every weight file."""
-    from taskvec.zoo.core import Zoo, zoo_root
-
     if name not in HUB_ZOOS:
         raise ParameterError(f"unknown hub zoo {name!r}; choose from {sorted(HUB_ZOOS)}")
     spec = HUB_ZOOS[name]
