@@ -27,7 +27,7 @@ import torch
 from taskvec._progress import progress
 from taskvec.errors import ParameterError
 from taskvec.viz import new_figure, style
-from taskvec.widgets import views
+from taskvec.widgets.plots import per_task_bars
 
 #: λ grids searched on validation data. TIES' disjoint mean has the size of one task's update (λ ≈ 1);
 #: task arithmetic sums n task vectors (λ ≈ 0.3-0.5, EMTA).
@@ -431,7 +431,7 @@ def ties_view(lab, density: float = 0.2, lam: float = 1.0):
         cache[key] = delta_of(lab, lab.merge("ties", density=density, lam=1.0))
     acc = lab.accuracy(scaled(lab, cache[key])(lam), split="test", tasks=lab.tasks)
     norm = _mean(lab.normalized(acc), lab.tasks)
-    return views.per_task_bars(lab, acc, f"TIES k = {density:.2f}, λ = {lam:.2f}", color="C1",
+    return per_task_bars(lab, acc, f"TIES k = {density:.2f}, λ = {lam:.2f}", color="C1",
                                title=f"One TIES-merged model for all tasks (normalised accuracy {norm:.3f})")
 
 

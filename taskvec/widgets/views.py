@@ -14,6 +14,7 @@ import torch
 
 from taskvec.errors import ParameterError
 from taskvec.viz import new_figure, style
+from taskvec.widgets.plots import per_task_bars  # noqa: F401  (re-exported: views.per_task_bars)
 
 #: λ grid searched on validation data (EMTA: 0.0..1.0 in steps of 0.05; coarser here to stay fast).
 NEGATION_LAMBDAS = (0.5, 1.0, 1.5, 2.0, 3.0)
@@ -198,23 +199,6 @@ def plot_addition_curve(df: pd.DataFrame):
         ax.set_ylabel("normalised accuracy\n(acc / fine-tuned acc)")
         ax.set_title("Adding task vectors builds a multi-task model")
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8.5)
-    return fig
-
-
-def per_task_bars(lab, acc: Mapping[str, float], label: str, *, color: str = "C0", title: str):
-    """Test accuracy per task of one merged model (`acc`), between the base and each task's fine-tuned model."""
-    base, ft = lab.base_accuracy(), lab.finetuned_accuracy()
-    x = np.arange(len(lab.tasks))
-    with style():
-        fig, ax = new_figure(figsize=(7.5, 3.9))
-        ax.bar(x - 0.27, [base[t] for t in lab.tasks], 0.27, color="0.65", label="base θ₀")
-        ax.bar(x, [acc[t] for t in lab.tasks], 0.27, color=color, label=label)
-        ax.bar(x + 0.27, [ft[t] for t in lab.tasks], 0.27, color="C2", label="fine-tuned on the task")
-        ax.set_xticks(x, lab.tasks, rotation=30, ha="right")
-        ax.set_ylim(0, 1.22)
-        ax.set_ylabel("test accuracy")
-        ax.set_title(title)
-        ax.legend(loc="upper right", ncol=3, fontsize=8.5)
     return fig
 
 
