@@ -173,3 +173,13 @@ def test_generate_is_reproducible_with_fixed_seed():
     assert tok.padding_side == "right"  # restored
     c = generate(model, tok, ["abc", "de"], samples_per_prompt=2, max_new_tokens=5, seed=2)
     assert [r["continuation"] for r in c] != [r["continuation"] for r in a]
+
+
+def test_text_nll_per_text_sums_to_the_perplexity():
+    from taskvec.eval.language import perplexity_of, text_nll
+
+    # the half-right model: every predicted token costs log 2; "abcd" predicts 3 tokens, "ab" 1, "abcdef" 5
+    nll, n = text_nll(HalfRightLM(), CharTokenizer(), ["abcd", "ab", "abcdef"], batch_size=2)
+    assert n.tolist() == [3, 1, 5]
+    assert nll.tolist() == pytest.approx([3 * math.log(2), math.log(2), 5 * math.log(2)])
+    assert perplexity_of(nll, n) == pytest.approx(2.0)

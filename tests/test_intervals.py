@@ -292,3 +292,21 @@ def test_per_task_table():
 def test_bad_inputs_name_the_culprit(call, names):
     with pytest.raises(ParameterError, match=names):
         call()
+
+
+def test_perplexity_ratio_interval_by_hand():
+    from taskvec.eval.intervals import perplexity_ratio_interval
+
+    tokens = np.array([3, 1, 5, 2])
+    a = np.array([3.0, 1.0, 4.0, 2.5])
+    # b costs exactly 0.1 nats more per token on every text: ratio exp(0.1) in every replicate
+    iv = perplexity_ratio_interval(a, a + 0.1 * tokens, tokens, n_boot=200)
+    assert iv.estimate == pytest.approx(math.exp(0.1)) and iv.low == pytest.approx(iv.high)
+    # b worse on one text only: the estimate is exp(Δ / Σ tokens); resampling spreads it around that
+    b = a.copy()
+    b[2] += 1.1
+    iv = perplexity_ratio_interval(a, b, tokens, n_boot=2000, seed=1)
+    assert iv.estimate == pytest.approx(math.exp(1.1 / 11))
+    assert iv.low == pytest.approx(1.0) and iv.high > iv.estimate   # replicates without text 2: ratio 1
+    with pytest.raises(ParameterError, match="one entry per text"):
+        perplexity_ratio_interval(a, b[:3], tokens)

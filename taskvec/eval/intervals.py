@@ -273,6 +273,27 @@ def paired_bootstrap(correct_a: Mapping, correct_b: Mapping, *, normalizer: Mapp
     return _percentile_interval(reps, estimate, level)
 
 
+def perplexity_ratio_interval(nll_a, nll_b, tokens, *, n_boot: int = 2000, seed: int = 0,
+                              level: float = 0.95) -> Interval:
+    """Interval of ppl(b) / ppl(a) for two language models scored on the same texts.
+
+    nll_a, nll_b: per-text summed next-token NLL of each model; tokens: per-text predicted-token counts (the
+    same texts and tokenizer, so the counts are shared). ppl = exp(Σ nll / Σ tokens), token-weighted; each
+    replicate resamples texts once for both models (a paired percentile bootstrap over texts)."""
+    level = _check_level(level)
+    n_boot = _check_n_boot(n_boot)
+    a, b, n = (np.asarray(x, dtype=float).ravel() for x in (nll_a, nll_b, tokens))
+    if not (a.size == b.size == n.size) or a.size == 0:
+        raise ParameterError(f"nll_a, nll_b and tokens need one entry per text each, got {a.size}, {b.size}, "
+                             f"{n.size}")
+    if n.sum() <= 0:
+        raise ParameterError("tokens: the texts hold no predicted token")
+    rng = np.random.default_rng(_check_seed(seed))
+    idx = rng.integers(0, a.size, size=(n_boot, a.size))
+    reps = np.exp((b[idx].sum(axis=1) - a[idx].sum(axis=1)) / np.maximum(n[idx].sum(axis=1), 1))
+    return _percentile_interval(reps, float(np.exp((b.sum() - a.sum()) / n.sum())), level)
+
+
 def difference_verdict(interval: Interval) -> str:
     """'a > b' or 'a < b' when the interval of a - b excludes 0, else 'within noise'."""
     if interval.low > 0:

@@ -15,31 +15,51 @@ def _logits(out) -> torch.Tensor:
 
 
 @torch.no_grad()
-def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[float, int]:
-    """(sum of -log p(x_t | x_<t) over real next tokens, number of such tokens) for one batch."""
+def row_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of one batch: (sum of -log p(x_t | x_<t) over its real next tokens, number of such tokens)."""
     logits = _logits(model(input_ids=input_ids, attention_mask=attention_mask)).float()
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
     target = input_ids[:, 1:]
     mask = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
     nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    return float(nll[mask].sum()), int(mask.sum())
+    return (nll * mask).sum(dim=1).double(), mask.sum(dim=1)
 
 
-def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, max_length: int = 128) -> float:
-    """exp(total next-token NLL / total predicted tokens) over `texts` (token-weighted, padding excluded)."""
+def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[float, int]:
+    """(sum of -log p(x_t | x_<t) over real next tokens, number of such tokens) for one batch."""
+    nll, n = row_nll(model, input_ids, attention_mask)
+    return float(nll.sum()), int(n.sum())
+
+
+def text_nll(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8,
+             max_length: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per text: (next-token NLL summed over its tokens, its number of predicted tokens), padding excluded.
+    What a paired bootstrap over texts resamples (`taskvec.eval.intervals.perplexity_ratio_interval`)."""
     if not texts:
         raise ParameterError("perplexity of no texts is undefined")
     model.eval()
-    total, count = 0.0, 0
+    nll, count = [], []
     starts = range(0, len(texts), batch_size)
     for s in progress(starts, desc="perplexity", total=len(starts)):
         enc = tokenizer(list(texts[s:s + batch_size]), return_tensors="pt", padding=True, truncation=True,
                         max_length=max_length)
-        nll, n = token_nll(model, enc["input_ids"], enc["attention_mask"])
-        total, count = total + nll, count + n
-    if count == 0:
+        a, b = row_nll(model, enc["input_ids"], enc["attention_mask"])
+        nll.append(a)
+        count.append(b)
+    nll, count = torch.cat(nll), torch.cat(count)
+    if int(count.sum()) == 0:
         raise ParameterError("the texts hold no token to predict (each needs at least two tokens)")
-    return math.exp(total / count)
+    return nll, count
+
+
+def perplexity_of(nll: torch.Tensor, count: torch.Tensor) -> float:
+    """exp(total NLL / total predicted tokens): the token-weighted perplexity of `text_nll`'s output."""
+    return math.exp(float(nll.sum()) / int(count.sum()))
+
+
+def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, max_length: int = 128) -> float:
+    """exp(total next-token NLL / total predicted tokens) over `texts` (token-weighted, padding excluded)."""
+    return perplexity_of(*text_nll(model, tokenizer, texts, batch_size=batch_size, max_length=max_length))
 
 
 @torch.no_grad()

@@ -96,7 +96,7 @@ class LMLab:
             self._load_tau(model, task_vector)
         self.lam = 0.0
         self._gen_cache: dict[tuple, pd.DataFrame] = {}
-        self._ppl_cache: dict[tuple, float] = {}
+        self._ppl_cache: dict[tuple, tuple] = {}   # (λ, split) -> per-text (NLL, tokens)
 
     def _load_tau(self, model, task_vector) -> None:
         self.base = {k: p.detach().clone() for k, p in self._params.items()}
@@ -206,10 +206,10 @@ class LMLab:
             self._gen_cache[key] = df
         return self._gen_cache[key].copy()
 
-    def perplexity(self, lam: float, split: str = "test") -> float:
-        """Perplexity of θ₀ − λτ on the clean `split`, or on the held-out offensive texts (split="toxic")
-        (cached)."""
-        from taskvec.eval.language import perplexity
+    def text_nll(self, lam: float, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+        """Per text of the clean `split` (or of the held-out offensive texts, split="toxic"): the summed
+        next-token NLL under θ₀ − λτ and the number of predicted tokens (cached)."""
+        from taskvec.eval.language import text_nll
 
         texts = self.toxic_texts if split == "toxic" else self.clean.get(split)
         if not texts:
@@ -219,8 +219,25 @@ class LMLab:
         if key not in self._ppl_cache:
             self.set_lambda(lam)
             with self._threads():
-                self._ppl_cache[key] = perplexity(self.model, self.tokenizer, texts, max_length=self.max_length)
+                self._ppl_cache[key] = text_nll(self.model, self.tokenizer, texts, max_length=self.max_length)
         return self._ppl_cache[key]
+
+    def perplexity(self, lam: float, split: str = "test") -> float:
+        """Perplexity of θ₀ − λτ on the clean `split`, or on the held-out offensive texts (split="toxic")
+        (cached)."""
+        from taskvec.eval.language import perplexity_of
+
+        return perplexity_of(*self.text_nll(lam, split))
+
+    def perplexity_ratio(self, lam: float, split: str = "test", *, reference: float = 0.0, n_boot: int = 2000,
+                         seed: int = 0):
+        """ppl(θ₀ − λτ) / ppl(θ₀ − reference·τ) on the same texts of `split`, with a paired bootstrap 95 %
+        interval over the texts (`Interval`)."""
+        from taskvec.eval.intervals import perplexity_ratio_interval
+
+        ref, tokens = self.text_nll(reference, split)
+        new, _ = self.text_nll(lam, split)
+        return perplexity_ratio_interval(ref, new, tokens, n_boot=n_boot, seed=seed)
 
     def scores(self, lam: float, seed: int | None = None) -> np.ndarray:
         """P(offensive) of every sampled continuation of the lab's prompts under θ₀ − λτ."""
