@@ -506,8 +506,12 @@ def test_untouched_matrices_skip_the_svd_and_give_the_same_numbers():
     for fn in (tsv_merge, iso_c, lambda d: iso_cts(d, 0.5)):
         assert torch.equal(fn([a[z], b[z]]), torch.zeros(9, 4))
     assert torch.equal(low_rank_approx(a[z], 0.5), torch.zeros(9, 4))
-    prof = spectral_profile({"a": a}).tensors.set_index("tensor")
+    profile = spectral_profile({"a": a})
+    prof = profile.tensors.set_index("tensor")
     assert prof.loc[z, "stable_rank"] == 0 and prof.loc[z, "rank_90"] == 0
+    # the zero matrix is left out of its layer's mean energy curve (which ends at 100 %, not 50 %)
+    curves = profile.layer_curves(grid=5)
+    assert "embeddings" not in set(curves["layer"]) and curves["energy"].max() == pytest.approx(1.0)
     res = spectral_interference({"a": a, "b": b}, fraction=1.0)
     p = res.pairs.set_index("tensor")
     assert math.isnan(p.loc[z, "mean_cos"]) and p.loc[z, "sti"] == 0.0

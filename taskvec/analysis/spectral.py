@@ -186,8 +186,13 @@ class SpectralProfile(AnalysisResult):
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
 
     def layer_curves(self, grid: int = 51) -> pd.DataFrame:
-        """Per vector and layer: the mean energy curve of its matrices at `grid` fractions of the rank."""
+        """Per vector and layer: the mean energy curve of its matrices at `grid` fractions of the rank.
+        Matrices the vector leaves exactly zero (no energy: e.g. frozen word embeddings) are left out of the mean."""
         c = self.energy_curves(grid)
+        t = self.tensors
+        zero = set(zip(t.loc[t["stable_rank"] == 0, "vector"], t.loc[t["stable_rank"] == 0, "tensor"]))
+        if zero:
+            c = c[[(v, k) not in zero for v, k in zip(c["vector"], c["tensor"])]]
         out = c.groupby(["vector", "layer", "fraction"], sort=False)["energy"].mean().reset_index()
         out["layer_position"] = out["layer"].map(layer_position)
         return out.sort_values(["vector", "layer_position", "fraction"], kind="stable").reset_index(drop=True)
