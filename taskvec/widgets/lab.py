@@ -152,16 +152,49 @@ class ZooLab:
         out = {t: self._cached_outcome(keys[t], t, split) for t in wanted}
         todo = [t for t in wanted if out[t] is None]
         if todo:
-            missing = self.model.load_state_dict(state, strict=False).missing_keys
-            missing = [k for k in missing if self.base[k].is_floating_point()]
-            if missing:
-                raise ParameterError(f"weights lack {len(missing)} float tensor(s) of the model, e.g. {missing[:3]}")
+            self._load(state)
             for task in todo:
                 texts, labels = self._examples(task, split)
                 pred = predict(self.model, self._heads[task], self.tokenizer, texts, max_length=self.max_length)
                 out[task] = pred == torch.tensor(labels)
                 self._store_outcome(keys[task], out[task])
         return out
+
+    @torch.no_grad()
+    def predictions(self, weights: Mapping[str, torch.Tensor] | None = None, *, split: str = "test",
+                    tasks: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """{task: predicted class per evaluated example} of `weights` (None = the base), on the same examples,
+        in the same order, as `correct` (what comparing two models' predictions needs, e.g. the weight
+        disentanglement error). Kept in memory under `correct`'s keys; each evaluation also stores its
+        outcomes (prediction == label) in `correct`'s cache, so the model is not scored again there."""
+        from taskvec.eval.classification import predict
+
+        state = self.base if weights is None else weights
+        names = list(tasks or self.tasks + self.control)
+        unknown = [t for t in names if t not in self._data]
+        if unknown:
+            raise ParameterError(f"unknown task {unknown[0]!r}; tasks: {self.all_tasks}")
+        wanted = [t for t in names if self.has_split(t, split)]
+        fingerprint = self._fingerprint(state)
+        keys = {t: self._outcome_key(fingerprint, t, split) for t in wanted}
+        memory = self.__dict__.setdefault("_predictions", {})
+        todo = [t for t in wanted if keys[t] not in memory]
+        if todo:
+            self._load(state)
+            for task in todo:
+                texts, labels = self._examples(task, split)
+                pred = predict(self.model, self._heads[task], self.tokenizer, texts, max_length=self.max_length)
+                memory[keys[task]] = pred
+                if self._cached_outcome(keys[task], task, split) is None:
+                    self._store_outcome(keys[task], pred == torch.tensor(labels))
+        return {t: memory[keys[t]] for t in wanted}
+
+    def _load(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load `state` into the working module; every float tensor of the model must be there."""
+        missing = self.model.load_state_dict(state, strict=False).missing_keys
+        missing = [k for k in missing if self.base[k].is_floating_point()]
+        if missing:
+            raise ParameterError(f"weights lack {len(missing)} float tensor(s) of the model, e.g. {missing[:3]}")
 
     # ------------------------------------------------------------ outcome cache
     def _fingerprint(self, state: Mapping[str, torch.Tensor]) -> str:
