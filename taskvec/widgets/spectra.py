@@ -20,6 +20,7 @@ import torch
 
 from taskvec.errors import ParameterError
 from taskvec.viz import new_figure, style
+from taskvec.widgets.plots import per_task_bars
 
 Predictor = Callable[[Mapping[str, float], Sequence[str]], Mapping[str, torch.Tensor]]
 
@@ -168,12 +169,10 @@ def plot_low_rank_curve(df: pd.DataFrame, *, base_normalized: float | None = Non
 def low_rank_view(lab, fraction: float = 0.1):
     """The rank-fraction slider: each task's θ₀ + low_rank_f(τ_t) on its own task, next to the base and the
     fine-tuned model (one evaluation per task per move; the SVDs are cached)."""
-    from taskvec.widgets import views
-
     acc = {t: float(lab.correct(low_rank_weights(lab, t, fraction), split="test", tasks=[t])[t].float().mean())
            for t in lab.tasks}
     norm = float(np.mean(list(lab.normalized(acc).values())))
-    return views.per_task_bars(lab, acc, f"low rank, f = {fraction:g}", color="C0",
+    return per_task_bars(lab, acc, f"low rank, f = {fraction:g}", color="C0",
                                title=f"TSV-C at {fraction:.0%} of each rank ({storage_share(lab, fraction):.1%} of "
                                      f"the entries)\nnormalised accuracy {norm:.3f}")
 
@@ -181,14 +180,13 @@ def low_rank_view(lab, fraction: float = 0.1):
 def merged_lambda_view(lab, merged: Mapping[str, Mapping[str, torch.Tensor]], method: str, lam: float = 1.0):
     """The λ slider over merges made at λ = 1 (`merged[method]`, full state dicts): θ₀ + λ(θ_merged − θ₀),
     per-task test accuracy next to the base and the fine-tuned models."""
-    from taskvec.widgets import views
     from taskvec.widgets.compare import rescaled
 
     if method not in merged:
         raise ParameterError(f"method {method!r} is not among the merges {list(merged)}")
     acc = lab.accuracy(rescaled(lab, merged[method], lam), split="test", tasks=lab.tasks)
     norm = float(np.mean(list(lab.normalized(acc).values())))
-    return views.per_task_bars(lab, acc, f"{method}, λ = {lam:.2f}", color="C4",
+    return per_task_bars(lab, acc, f"{method}, λ = {lam:.2f}", color="C4",
                                title=f"{method} at λ = {lam:.2f}: normalised accuracy {norm:.3f}")
 
 
