@@ -672,9 +672,13 @@ def _drop_axis(ax, ps):
 def plot_dare_curve(df: pd.DataFrame):
     """DARE Fig. 1: one panel per task, accuracy vs drop rate with and without rescale, base and fine-tuned."""
     tasks = list(dict.fromkeys(df["task"]))
+    cols = min(len(tasks), 4)   # 8 tasks: two rows of four, not one 4,000-pixel strip
+    rows = -(-len(tasks) // cols)
     with style():
-        fig, axes = new_figure(1, len(tasks), figsize=(3.3 * len(tasks) + 0.6, 3.9), sharey=True)
-        axes = np.atleast_1d(axes)
+        fig, axes = new_figure(rows, cols, figsize=(3.3 * cols + 0.6, 3.5 * rows + 0.4), sharey=True)
+        axes = np.atleast_1d(axes).ravel()
+        for ax in axes[len(tasks):]:
+            ax.set_visible(False)
         for ax, t in zip(axes, tasks):
             d = df[df["task"] == t]
             for r, color, label in ((True, "C0", "DARE: drop + rescale 1/(1−p)"), (False, "C3", "drop only (no rescale)")):
@@ -686,9 +690,11 @@ def plot_dare_curve(df: pd.DataFrame):
             _drop_axis(ax, list(d["drop_rate"]))
             ax.set_xlabel("drop rate p")
             ax.set_title(t)
-        axes[0].set_ylabel("test accuracy")
+        for ax in axes[::cols]:
+            ax.set_ylabel("test accuracy")
         axes[0].legend(loc="lower left", fontsize=7.5)
-        fig.suptitle("DARE: accuracy vs drop rate of the delta parameters (DARE Fig. 1 on the zoo)", y=1.07)
+        fig.suptitle("DARE: accuracy vs drop rate of the delta parameters (DARE Fig. 1 on the zoo)",
+                     y=1.07 if rows == 1 else 1.02)
     return fig
 
 
