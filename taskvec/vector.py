@@ -334,6 +334,23 @@ class TaskVector(Mapping):
                           base_fingerprint=self.base_fingerprint, skipped=self.skipped,
                           provenance=self.provenance + [f"low rank ({fraction:g} of each matrix's rank)"])
 
+    def to_lora(self, out_dir: str | os.PathLike, rank: int | None = None, *, energy: float | None = None,
+                base: Any = None, extras: str = "full", dtype: torch.dtype = torch.float32, overwrite: bool = False):
+        """Export as a PEFT LoRA adapter folder (truncated SVD of each matrix delta), atomically.
+
+        rank: LoRA rank per matrix (capped at its smaller dimension); energy: instead, per matrix the
+        smallest k whose top-k singular values hold >= energy of Σσ²; neither: full rank (lossless).
+        Non-2-D deltas (biases, norms) go to `modules_to_save` as full weights (extras="full", needs the
+        base) or are dropped (extras="drop", and always for a LoRA target's own bias). Tied embeddings
+        get one adapter (PEFT's `ensure_weight_tying`). Returns a `LoraExport` (`.path`, `.report`:
+        module, shape, rank, relative error ‖τ−τ_r‖_F/‖τ‖_F, energy kept, share of ‖τ‖²).
+        Details: `taskvec.io.lora_export`.
+        """
+        from taskvec.io.lora_export import export_lora
+
+        return export_lora(self, out_dir, rank, energy=energy, base=base, extras=extras, dtype=dtype,
+                           overwrite=overwrite)
+
     # ---------------------------------------------------------------- numbers
     @property
     def num_parameters(self) -> int:
