@@ -94,7 +94,7 @@ merge_method: linear
 base_model: inputs/base
 tokenizer:
   source: union
-  pad_to_multiple_of: 8
+  pad_to_multiple_of: 16
   tokens:
     <|im_start|>:
       source:

@@ -14,6 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
+from taskvec.config.tokenizer import (
+    TOKENIZER_SOURCES,
+    TokenEmbedding,
+    TokenizerSpec,
+    TokenSource,
+    resolve_chat_template,
+)
 from taskvec.errors import ParameterError
 
 Scalar = Union[bool, int, float, str]
@@ -74,6 +81,9 @@ class MergeConfig:
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSpec | None = None  # the `tokenizer:` block, or `tokenizer_source:` as one
+    chat_template: str | None = None
+    modules: Mapping[str, "ModuleDef"] | None = None  # `modules:`, by module name
     no_effect: Mapping[str, Any] = field(default_factory=dict)  # accepted options that change nothing here
     text: str = ""  # the YAML as written, for the model card
     path: Path | None = None
@@ -83,35 +93,47 @@ class MergeConfig:
         seen: dict[str, None] = {}
         if self.base_model:
             seen[self.base_model] = None
-        for m in self.models or ():
-            seen[m.model] = None
-        for s in self.slices or ():
-            if s.base_model:
-                seen[s.base_model] = None
-            for src in s.sources:
-                seen[src.model] = None
+        for models, slices in [(self.models, self.slices)] + [(m.models, m.slices) for m in
+                                                               (self.modules or {}).values()]:
+            for m in models or ():
+                seen[m.model] = None
+            for s in slices or ():
+                if s.base_model:
+                    seen[s.base_model] = None
+                for src in s.sources:
+                    seen[src.model] = None
         return list(seen)
 
     def no_effect_reasons(self) -> dict[str, str]:
         """Why each accepted option in `no_effect` changes nothing here (for the model card)."""
-        return {k: NO_EFFECT.get(k, "no effect in taskvec") for k in self.no_effect}
+        return {k: NO_EFFECT.get(k.rsplit(".", 1)[-1], "no effect in taskvec") for k in self.no_effect}
 
     def __repr__(self) -> str:
-        form = f"{len(self.models)} models" if self.models else f"{len(self.slices or ())} slices"
+        form = (f"{len(self.models)} models" if self.models else f"{len(self.slices)} slices" if self.slices
+                else f"modules {list(self.modules or ())}")
         return f"MergeConfig({self.merge_method!r}, {form}, base_model={self.base_model!r})"
 
 
-TOP_LEVEL_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
-                  "tokenizer_source")
-NOT_SUPPORTED_KEYS = {
-    "modules": "multi-module configs (`modules:`) are not supported; use `models:` or `slices:`",
-    "tokenizer": "the `tokenizer:` block (vocabulary surgery) is not supported; use `tokenizer_source: base` or "
-                 "a model path",
-    "chat_template": "`chat_template` is not supported; set it in the output's tokenizer_config.json after merging",
-}
+@dataclass(frozen=True)
+class ModuleDef:
+    """One entry of ``modules:`` (mergekit's ``OutputModuleDefinition``): exactly one of models / slices."""
+
+    models: tuple[ModelEntry, ...] | None = None
+    slices: tuple[OutputSlice, ...] | None = None
+    parameters: Mapping[str, Setting] = field(default_factory=dict)
+
+
+TOP_LEVEL_KEYS = ("merge_method", "models", "slices", "modules", "base_model", "parameters", "dtype", "out_dtype",
+                  "tokenizer_source", "tokenizer", "chat_template")
+# mergekit keys taskvec refuses (key -> why); every key of mergekit 0.1.5's schema is supported, refused here or
+# accepted without effect: benchmarks/results/mergekit_config_keys.md.
+NOT_SUPPORTED_KEYS: dict[str, str] = {}
+# The module name of a single-module architecture in mergekit (architecture/json_definitions.py: "default").
+DEFAULT_MODULE = "default"
 # Options mergekit accepts that change nothing in taskvec (why, for the docs and the model card).
 NO_EFFECT = {
     "int8_mask": "mergekit stores sign masks as int8 to save memory; taskvec's masks are already boolean",
+    "residual_weight": "mergekit 0.1.5 parses a slice's residual_weight but never reads it; no effect here either",
 }
 DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "float16": "float16", "fp16": "float16",
           "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64"}
@@ -165,11 +187,28 @@ def _parse_parameters(x: Any, where: str) -> dict[str, Setting]:
     return {str(k): _parse_setting(v, f"{where}.{k}") for k, v in x.items()}
 
 
+def _model_path_ref(x: Any, where: str) -> Any:
+    """mergekit's ``ModelPath``: a string, or ``{path, revision}`` (a hub revision taskvec can't fetch: refused)."""
+    if not isinstance(x, Mapping):
+        return x
+    _check_keys(x, ("path", "revision"), where)
+    if x.get("revision") is not None:
+        raise _fail(f"{where}.revision", "hub revisions are not supported (taskvec opens local folders and the "
+                                         "default revision of hub ids); download that revision and give its folder")
+    return x.get("path")
+
+
 def _model_ref(x: Any, where: str) -> str:
-    if isinstance(x, Mapping) and "model" in x:  # mergekit's long form {model: {path: ...}}
-        x = x["model"]
-        if isinstance(x, Mapping):
-            x = x.get("path")
+    """A model reference: ``PATH``, ``PATH+LORA`` or mergekit's long form ``{model: {path}, lora: {path}}``."""
+    if isinstance(x, Mapping) and "model" in x:  # mergekit's long form ModelReference
+        _check_keys(x, ("model", "lora", "override_architecture"), where)
+        if x.get("override_architecture") is not None:
+            raise _fail(f"{where}.override_architecture", "not supported: taskvec reads tensor names, not "
+                                                          "architectures; convert the model's config.json instead")
+        lora = _model_path_ref(x.get("lora"), f"{where}.lora")
+        x = _model_path_ref(x["model"], f"{where}.model")
+        if isinstance(x, str) and isinstance(lora, str) and lora.strip():
+            x = f"{x.strip()}+{lora.strip()}"
     if not isinstance(x, str) or not x.strip():
         raise _fail(where, f"expected a model path or hub id, got {x!r}")
     return x.strip()
@@ -191,6 +230,176 @@ def _layer_range(x: Any, where: str) -> tuple[int, int]:
     if start < 0 or end <= start:
         raise _fail(where, f"[{start}, {end}] is empty or negative; need 0 <= start < end")
     return (start, end)
+
+
+def _parse_models(x: Any, where: str) -> tuple[ModelEntry, ...]:
+    """``models:`` — a list of ``- model: REF`` (mergekit's ``InputModelDefinition``)."""
+    if not isinstance(x, list):
+        raise _fail(where, "expected a list of `- model: ...` entries")
+    models = []
+    for i, m in enumerate(x):
+        w = f"{where}[{i}]"
+        if isinstance(m, str):
+            m = {"model": m}
+        if not isinstance(m, Mapping):
+            raise _fail(w, f"expected `model: ...`, got {m!r}")
+        _check_keys(m, ("model", "parameters"), w)
+        models.append(ModelEntry(_model_ref(m.get("model"), f"{w}.model"),
+                                 _parse_parameters(m.get("parameters"), f"{w}.parameters")))
+    return tuple(models)
+
+
+def _parse_slices(x: Any, where: str, no_effect: dict[str, Any]) -> tuple[OutputSlice, ...]:
+    """``slices:`` — a list of ``- sources: [...]`` (mergekit's ``OutputSliceDefinition``)."""
+    import warnings
+
+    if not isinstance(x, list):
+        raise _fail(where, "expected a list of `- sources: [...]` entries")
+    slices = []
+    for i, s in enumerate(x):
+        w = f"{where}[{i}]"
+        if not isinstance(s, Mapping):
+            raise _fail(w, f"expected `sources: [...]`, got {s!r}")
+        _check_keys(s, ("sources", "base_model", "parameters", "residual_weight"), w)
+        if s.get("residual_weight") is not None:
+            no_effect[f"{w.split(': ', 1)[-1]}.residual_weight"] = s["residual_weight"]
+            warnings.warn(f"{w}.residual_weight: {NO_EFFECT['residual_weight']}", stacklevel=4)
+        if not isinstance(s.get("sources"), list) or not s["sources"]:
+            raise _fail(w, "`sources` must be a non-empty list")
+        sources = []
+        for j, src in enumerate(s["sources"]):
+            ws = f"{w}.sources[{j}]"
+            if not isinstance(src, Mapping):
+                raise _fail(ws, f"expected `model: ...` and `layer_range: [start, end]`, got {src!r}")
+            _check_keys(src, ("model", "layer_range", "parameters"), ws)
+            if "layer_range" not in src:
+                raise _fail(ws, "`layer_range: [start, end]` is missing")
+            sources.append(SliceSource(_model_ref(src.get("model"), f"{ws}.model"),
+                                       _layer_range(src["layer_range"], f"{ws}.layer_range"),
+                                       _parse_parameters(src.get("parameters"), f"{ws}.parameters")))
+        lengths = {x.num_layers for x in sources}
+        if len(lengths) > 1:
+            raise _fail(w, f"all sources of a slice must span the same number of layers, got "
+                           f"{[list(x.layer_range) for x in sources]}")
+        slices.append(OutputSlice(tuple(sources),
+                                  _model_ref(s["base_model"], f"{w}.base_model") if s.get("base_model") else None,
+                                  _parse_parameters(s.get("parameters"), f"{w}.parameters")))
+    return tuple(slices)
+
+
+def _parse_modules(x: Any, where: str, no_effect: dict[str, Any]) -> dict[str, ModuleDef]:
+    """``modules:`` — module name -> ``{models | slices, parameters}`` (mergekit's ``OutputModuleDefinition``)."""
+    if not isinstance(x, Mapping):
+        raise _fail(where, "expected a mapping of module names to `{models: [...]}` or `{slices: [...]}`")
+    out = {}
+    for name, m in x.items():
+        w = f"{where}.{name}"
+        if not isinstance(m, Mapping):
+            raise _fail(w, f"expected `models: [...]` or `slices: [...]`, got {m!r}")
+        _check_keys(m, ("models", "slices", "parameters"), w)
+        if bool(m.get("models")) == bool(m.get("slices")):
+            raise _fail(w, "give exactly one of `models:` or `slices:` (as mergekit requires)")
+        out[str(name)] = ModuleDef(
+            models=_parse_models(m["models"], f"{w}.models") if m.get("models") else None,
+            slices=_parse_slices(m["slices"], f"{w}.slices", no_effect) if m.get("slices") else None,
+            parameters=_parse_parameters(m.get("parameters"), f"{w}.parameters"))
+    return out
+
+
+def _as_conditionals(setting: Setting) -> tuple[Conditional, ...]:
+    if isinstance(setting, tuple) and setting and isinstance(setting[0], Conditional):
+        return setting
+    return (Conditional(value=setting),)
+
+
+def _single_module(modules: Mapping[str, ModuleDef], parameters: Mapping[str, Setting], where: str):
+    """(models, slices, parameters) of a ``modules:`` config taskvec can run: mergekit's single module ``default``.
+
+    mergekit (plan.py ``normalize_config``) turns ``models:`` / ``slices:`` into the
+    one module of a single-module architecture, named ``default``
+    (architecture/json_definitions.py); a config that names it is that config.
+    The module's ``parameters`` sit between the slice's and the global ones
+    (config.py ``ConfigReader.parameter_sources``): each becomes the module's
+    filter list followed by the global setting, so the first that gives a value
+    wins, exactly as mergekit's resolver falls through. Other module names
+    (``text_decoder``, ``vision_tower``, ...) come from mergekit's multi-module
+    architecture definitions (a weight prefix and layer templates per module),
+    which taskvec does not have: refused, naming the module.
+    """
+    other = [n for n in modules if n != DEFAULT_MODULE]
+    if other:
+        raise _fail(f"{where}.{other[0]}", f"module {other[0]!r} is not supported: taskvec has no multi-module "
+                    "architecture definitions (mergekit's give each module a weight prefix and layer templates); "
+                    f"only mergekit's single module {DEFAULT_MODULE!r} (the whole model) runs here; merge the whole "
+                    "model with `models:` / `slices:` instead")
+    mod = modules[DEFAULT_MODULE]
+    merged = dict(parameters)
+    for name, setting in mod.parameters.items():
+        merged[name] = (_as_conditionals(setting) + _as_conditionals(parameters[name]) if name in parameters
+                        else setting)
+    return mod.models, mod.slices, merged
+
+
+TOKEN_SOURCE_KINDS = ("model_token", "zero")
+
+
+def _parse_tokenizer(x: Any, where: str) -> TokenizerSpec:
+    """The ``tokenizer:`` block (mergekit/tokenizer/config.py ``TokenizerConfig``): source, tokens, pad_to_multiple_of."""
+    if not isinstance(x, Mapping):
+        raise _fail(where, f"expected `source: union | base | MODEL` and optional `tokens:`, got {x!r}")
+    _check_keys(x, ("source", "tokens", "pad_to_multiple_of"), where)
+    src = x.get("source", "union")
+    src = src if src in TOKENIZER_SOURCES else _model_ref(src, f"{where}.source")
+    pad = x.get("pad_to_multiple_of")
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+        raise _fail(f"{where}.pad_to_multiple_of", f"expected a positive integer, got {pad!r}")
+    tokens_raw = x.get("tokens") or {}
+    if not isinstance(tokens_raw, Mapping):
+        raise _fail(f"{where}.tokens", f"expected a mapping of token -> {{source: ..., force: ...}}, got {tokens_raw!r}")
+    tokens = {}
+    for tok, e in tokens_raw.items():
+        w = f"{where}.tokens[{tok!r}]"
+        if e is None:
+            e = {}
+        if not isinstance(e, Mapping):
+            raise _fail(w, f"expected `{{source: ..., force: ...}}`, got {e!r}")
+        _check_keys(e, ("source", "force"), w)
+        force = e.get("force", False)
+        if not isinstance(force, bool):
+            raise _fail(f"{w}.force", f"expected true or false, got {force!r}")
+        tokens[str(tok)] = TokenEmbedding(_token_source(e.get("source"), f"{w}.source"), force)
+    return TokenizerSpec(source=src, tokens=tokens, pad_to_multiple_of=pad)
+
+
+def _token_source(x: Any, where: str) -> TokenSource | None:
+    """A token's ``source``: MODEL | {kind: zero} | {kind: model_token, model, token | token_id} (config.py)."""
+    if x is None:
+        return None
+    if isinstance(x, str):
+        return TokenSource("model", _model_ref(x, where))
+    if not isinstance(x, Mapping):
+        raise _fail(where, f"expected a model, `{{kind: zero}}` or `{{kind: model_token, ...}}`, got {x!r}")
+    kind = x.get("kind")
+    if kind is None and "model" in x:  # mergekit's long model reference {model: {path: ...}}
+        return TokenSource("model", _model_ref(x, where))
+    if kind not in TOKEN_SOURCE_KINDS:
+        hint = difflib.get_close_matches(str(kind), TOKEN_SOURCE_KINDS, n=1)
+        raise _fail(f"{where}.kind", f"unknown token source kind {kind!r}"
+                    f"{f' (did you mean {hint[0]!r}?)' if hint else ''}; supported: {', '.join(TOKEN_SOURCE_KINDS)} "
+                    "(or a model path)")
+    if kind == "zero":
+        _check_keys(x, ("kind",), where)
+        return TokenSource("zero")
+    _check_keys(x, ("kind", "model", "token_id", "token"), where)
+    if "model" not in x:
+        raise _fail(where, "`model` is missing (kind: model_token takes `model` and `token` or `token_id`)")
+    token_id, token = x.get("token_id"), x.get("token")
+    if (token_id is None) == (token is None):
+        raise _fail(where, "give exactly one of `token_id` or `token` (as mergekit requires)")
+    if token_id is not None and (not isinstance(token_id, int) or isinstance(token_id, bool)):
+        raise _fail(f"{where}.token_id", f"expected an integer, got {token_id!r}")
+    return TokenSource("model_token", _model_ref(x["model"], f"{where}.model"), token_id,
+                       None if token is None else str(token))
 
 
 def parse_config(config: str | os.PathLike | Mapping) -> MergeConfig:
@@ -225,60 +434,18 @@ def parse_config(config: str | os.PathLike | Mapping) -> MergeConfig:
 
     for k in raw:
         if k in NOT_SUPPORTED_KEYS:
-            raise _fail(where, NOT_SUPPORTED_KEYS[k])
+            raise _fail(f"{where}: {k}", NOT_SUPPORTED_KEYS[k])
     _check_keys(raw, TOP_LEVEL_KEYS, where)
     if "merge_method" not in raw:
         raise _fail(where, "`merge_method` is missing")
     method = str(raw["merge_method"])
-    if bool(raw.get("models")) == bool(raw.get("slices")):
-        raise _fail(where, "give exactly one of `models:` or `slices:`")
+    if sum(bool(raw.get(k)) for k in ("models", "slices", "modules")) != 1:
+        raise _fail(where, "give exactly one of `models:`, `slices:` or `modules:`")
 
-    models = slices = None
-    if raw.get("models"):
-        if not isinstance(raw["models"], list):
-            raise _fail(f"{where}: models", "expected a list of `- model: ...` entries")
-        models = []
-        for i, m in enumerate(raw["models"]):
-            w = f"{where}: models[{i}]"
-            if isinstance(m, str):
-                m = {"model": m}
-            if not isinstance(m, Mapping):
-                raise _fail(w, f"expected `model: ...`, got {m!r}")
-            _check_keys(m, ("model", "parameters"), w)
-            models.append(ModelEntry(_model_ref(m.get("model"), f"{w}.model"),
-                                     _parse_parameters(m.get("parameters"), f"{w}.parameters")))
-        models = tuple(models)
-    else:
-        if not isinstance(raw["slices"], list):
-            raise _fail(f"{where}: slices", "expected a list of `- sources: [...]` entries")
-        slices = []
-        for i, s in enumerate(raw["slices"]):
-            w = f"{where}: slices[{i}]"
-            if not isinstance(s, Mapping):
-                raise _fail(w, f"expected `sources: [...]`, got {s!r}")
-            _check_keys(s, ("sources", "base_model", "parameters"), w)
-            if not isinstance(s.get("sources"), list) or not s["sources"]:
-                raise _fail(w, "`sources` must be a non-empty list")
-            sources = []
-            for j, src in enumerate(s["sources"]):
-                ws = f"{w}.sources[{j}]"
-                if not isinstance(src, Mapping):
-                    raise _fail(ws, f"expected `model: ...` and `layer_range: [start, end]`, got {src!r}")
-                _check_keys(src, ("model", "layer_range", "parameters"), ws)
-                if "layer_range" not in src:
-                    raise _fail(ws, "`layer_range: [start, end]` is missing")
-                sources.append(SliceSource(_model_ref(src.get("model"), f"{ws}.model"),
-                                           _layer_range(src["layer_range"], f"{ws}.layer_range"),
-                                           _parse_parameters(src.get("parameters"), f"{ws}.parameters")))
-            lengths = {x.num_layers for x in sources}
-            if len(lengths) > 1:
-                raise _fail(w, f"all sources of a slice must span the same number of layers, got "
-                               f"{[list(x.layer_range) for x in sources]}")
-            slices.append(OutputSlice(tuple(sources),
-                                      _model_ref(s["base_model"], f"{w}.base_model") if s.get("base_model") else None,
-                                      _parse_parameters(s.get("parameters"), f"{w}.parameters")))
-        slices = tuple(slices)
-
+    no_effect: dict[str, Any] = {}
+    models = _parse_models(raw["models"], f"{where}: models") if raw.get("models") else None
+    slices = _parse_slices(raw["slices"], f"{where}: slices", no_effect) if raw.get("slices") else None
+    modules = _parse_modules(raw["modules"], f"{where}: modules", no_effect) if raw.get("modules") else None
     dtypes = {}
     for key in ("dtype", "out_dtype"):
         if raw.get(key) is not None:
@@ -288,18 +455,29 @@ def parse_config(config: str | os.PathLike | Mapping) -> MergeConfig:
             dtypes[key] = DTYPES[d]
 
     parameters = _parse_parameters(raw.get("parameters"), f"{where}: parameters")
-    no_effect = {k: parameters.pop(k) for k in list(parameters) if k in NO_EFFECT}
+    no_effect.update({k: parameters.pop(k) for k in list(parameters) if k in NO_EFFECT})
     tok = raw.get("tokenizer_source")
+    tokenizer = None
     if tok is not None:
-        tok = str(tok)
-        if tok == "union":
-            raise _fail(f"{where}: tokenizer_source", "`union` (merging vocabularies) is not supported; "
-                                                      "use `base` or a model path")
+        if raw.get("tokenizer") is not None:
+            raise _fail(where, "give `tokenizer_source:` or `tokenizer:`, not both (mergekit refuses both too)")
+        tok = tok if tok in TOKENIZER_SOURCES else _model_ref(tok, f"{where}: tokenizer_source")
+        tokenizer = TokenizerSpec(source=tok)
+    elif raw.get("tokenizer") is not None:
+        tokenizer = _parse_tokenizer(raw["tokenizer"], f"{where}: tokenizer")
+    chat_template = raw.get("chat_template")
+    if chat_template is not None and not isinstance(chat_template, str):
+        raise _fail(f"{where}: chat_template", f"expected a template name, `auto` or a Jinja string, got "
+                                                f"{chat_template!r}")
+    resolve_chat_template(chat_template, [], where)  # a name mergekit ships or a Jinja template: checked now
+    if modules is not None:
+        models, slices, parameters = _single_module(modules, parameters, f"{where}: modules")
     cfg = MergeConfig(
-        merge_method=method, models=models, slices=slices,
+        merge_method=method, models=models, slices=slices, modules=modules,
         base_model=_model_ref(raw["base_model"], f"{where}: base_model") if raw.get("base_model") else None,
         parameters=parameters, dtype=dtypes.get("dtype"), out_dtype=dtypes.get("out_dtype"),
-        tokenizer_source=tok, no_effect=no_effect, text=text, path=path,
+        tokenizer_source=tok, tokenizer=tokenizer, chat_template=chat_template or None, no_effect=no_effect,
+        text=text, path=path,
     )
     _check_method_and_parameters(cfg, where)
     return cfg

@@ -38,11 +38,12 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from taskvec.errors import ParameterError
+
+if TYPE_CHECKING:  # torch is imported where rows are computed: parsing a config (and --help) stays light
+    import torch
 
 TOKENIZER_SOURCES = ("union", "base")  # or a model path
 
@@ -176,6 +177,8 @@ def permute_rows(tensors: Mapping[str, torch.Tensor], vocab: Mapping[str, int],
     same for every model. Padding rows (``pad_to_multiple_of``) are the mean of
     the real rows of that model's re-indexed tensor. Computes in float32.
     """
+    import torch
+
     tokens = dict(tokens or {})
     models = list(tensors)
     views = {m: t.movedim(axis, 0).float() for m, t in tensors.items()}
@@ -222,6 +225,8 @@ def permute_rows(tensors: Mapping[str, torch.Tensor], vocab: Mapping[str, int],
 def _source_row(cfg: TokenEmbedding, tok: str, tid: int, views: Mapping[str, torch.Tensor],
                 permutations: Mapping[str, Mapping[int, int]], original_vocabs, name: str) -> torch.Tensor:
     """embed.py ``compute_default_embedding``: the row an explicit (or assigned) source gives `tok`."""
+    import torch
+
     where = f"tokenizer.tokens[{tok!r}].source"
     src = cfg.source
     if src is None:
@@ -428,3 +433,71 @@ def resolve_chat_template(value: str | None, model_dirs: Sequence[Path | None], 
         raise ParameterError(f"{where}: chat_template: {value!r} is neither a template name mergekit ships "
                              f"({', '.join(sorted(CHAT_TEMPLATES))}), `auto`, nor a Jinja template")
     return value
+
+
+# ---------------------------------------------------------------- sources re-indexed to the output vocabulary
+
+class VocabularyMerge:
+    """Every model's vocabulary-indexed tensors re-indexed to the output vocabulary, lazily, tensor by tensor.
+
+    `wrap()` gives one `Source` per model whose embedding / LM-head tensors have
+    the output vocabulary's rows (`permute_rows`); the merge then runs on those,
+    as mergekit runs its merge methods on ``PermutedVocabulary``'s outputs.
+    group(tensor_name) -> the models merged into that tensor (mergekit: the first
+    slice's sources for embeddings, the last slice's for the LM head), in order.
+    The last tensor's rows are cached for every model (the executor asks each
+    model for the same tensor in turn).
+    """
+
+    def __init__(self, info: TokenizerInfo, spec: TokenizerSpec, base: str | None, sources: Mapping[str, Any],
+                 group):
+        self.info, self.spec, self.base, self.sources, self.group = info, spec, base, dict(sources), group
+        self._cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
+
+    @property
+    def size(self) -> int:
+        return padded_size(self.info.size, self.spec.pad_to_multiple_of)
+
+    def model_vocab_size(self, ref: str) -> int | None:
+        if ref in self.info.vocab_sizes:
+            return self.info.vocab_sizes[ref]
+        v = self.info.original_vocabs.get(ref)
+        return len(v) if v is not None else None
+
+    def is_vocabulary(self, ref: str, name: str) -> bool:
+        src = self.sources[ref]
+        return name in src.index and vocabulary_axis(name, src.index[name].shape, self.model_vocab_size(ref)) == 0
+
+    def rows(self, name: str, ref: str) -> torch.Tensor:
+        members = [m for m in self.group(name) if m in self.sources and self.is_vocabulary(m, name)]
+        if ref not in members:
+            members.append(ref)
+        key = (name, tuple(members))
+        if self._cache is None or self._cache[0] != key:
+            self._cache = None  # free the previous tensor's rows first
+            out = permute_rows({m: self.sources[m].get(name) for m in members}, self.info.vocab,
+                               self.info.permutations, base_model=self.base, tokens=self.spec.tokens,
+                               original_vocabs=self.info.original_vocabs,
+                               pad_to_multiple_of=self.spec.pad_to_multiple_of, name=name)
+            self._cache = (key, out)
+        return self._cache[1][ref]
+
+    def wrap(self) -> dict[str, Any]:
+        from taskvec.io.base import Source, TensorMeta
+
+        merge = self
+
+        class PermutedVocabularySource(Source):
+            def __init__(self, ref: str):
+                inner = merge.sources[ref]
+                self.ref, self.inner = ref, inner
+                self.name, self.model_dir, self.files = inner.name, inner.model_dir, inner.files
+
+            def _index(self):
+                return {k: (TensorMeta((merge.size, *m.shape[1:]), m.dtype) if merge.is_vocabulary(self.ref, k)
+                            else m) for k, m in self.inner.index.items()}
+
+            def get(self, key):
+                return merge.rows(key, self.ref) if merge.is_vocabulary(self.ref, key) else self.inner.get(key)
+
+        return {ref: PermutedVocabularySource(ref) for ref in self.sources}
