@@ -40,7 +40,8 @@ CFG = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=4, num_attenti
 SEED = 14
 
 # name -> config. Methods shared with mergekit 0.1.5: linear, task_arithmetic, ties, breadcrumbs(_ties),
-# slerp, model_stock, passthrough (compared tensor by tensor), and dare_linear, dare_ties, della(_linear)
+# slerp, model_stock, passthrough, nuslerp, multislerp, karcher, nearswap, arcee_fusion, ram, ramplus_tl, sce
+# (compared tensor by tensor), and dare_linear, dare_ties, della(_linear)
 # (random masks: compared by their per-tensor L1-rescale property, so one fine-tune each).
 CONFIGS = {
     "linear": """\
@@ -169,6 +170,121 @@ base_model: inputs/base
 dtype: float32
 """ for m, extra in (("dare_linear", ""), ("dare_ties", ""), ("della", ", epsilon: 0.2"),
                      ("della_linear", ", epsilon: 0.2"))},
+    # mergekit 0.1.5's other methods. nuslerp: without a base (the models themselves), and with one (their task
+    # vectors) row by row and column by column; karcher: the base_model is not in the list, so mergekit merges it
+    # as a third model; ram/ramplus_tl: epsilon near the median |tau|, so entries have 0-3 contributors.
+    "nuslerp": """\
+models:
+  - model: inputs/ft1
+    parameters: {weight: 0.3}
+  - model: inputs/ft2
+    parameters: {weight: 0.7}
+merge_method: nuslerp
+dtype: float32
+""",
+    **{f"nuslerp_base_{name}": f"""\
+models:
+  - model: inputs/base
+  - model: inputs/ft1
+    parameters: {{weight: 0.6}}
+  - model: inputs/ft2
+    parameters: {{weight: 0.4}}
+merge_method: nuslerp
+base_model: inputs/base
+parameters:
+  nuslerp_flatten: false
+  nuslerp_row_wise: {row_wise}
+dtype: float32
+""" for name, row_wise in (("rows", "false"), ("columns", "true"))},
+    "multislerp": """\
+models:
+  - model: inputs/base
+  - model: inputs/ft1
+    parameters: {weight: 0.5}
+  - model: inputs/ft2
+    parameters: {weight: 0.3}
+  - model: inputs/ft3
+    parameters: {weight: 0.2}
+merge_method: multislerp
+base_model: inputs/base
+dtype: float32
+""",
+    "multislerp_no_base": """\
+models:
+  - model: inputs/ft1
+    parameters: {weight: 0.6}
+  - model: inputs/ft2
+    parameters: {weight: 0.8}
+merge_method: multislerp
+parameters:
+  normalize_weights: false
+dtype: float32
+""",
+    "karcher": """\
+models:
+  - model: inputs/ft1
+  - model: inputs/ft2
+merge_method: karcher
+base_model: inputs/base
+parameters:
+  max_iter: 20
+  tol: 1.0e-6
+dtype: float32
+""",
+    "nearswap": """\
+models:
+  - model: inputs/base
+  - model: inputs/ft1
+merge_method: nearswap
+base_model: inputs/base
+parameters:
+  t: 0.001
+dtype: float32
+""",
+    "arcee_fusion": """\
+models:
+  - model: inputs/base
+  - model: inputs/ft1
+merge_method: arcee_fusion
+base_model: inputs/base
+dtype: float32
+""",
+    "ram": """\
+models:
+  - model: inputs/base
+  - model: inputs/ft1
+  - model: inputs/ft2
+  - model: inputs/ft3
+merge_method: ram
+base_model: inputs/base
+parameters:
+  epsilon: 0.0015
+dtype: float32
+""",
+    "ramplus_tl": """\
+models:
+  - model: inputs/base
+  - model: inputs/ft1
+  - model: inputs/ft2
+  - model: inputs/ft3
+merge_method: ramplus_tl
+base_model: inputs/base
+parameters:
+  epsilon: 0.0015
+  r: 0.5
+  alpha: 0.8
+dtype: float32
+""",
+    **{name: f"""\
+models:
+  - model: inputs/base
+  - model: inputs/ft1
+  - model: inputs/ft2
+  - model: inputs/ft3
+merge_method: sce
+base_model: inputs/base
+{extra}dtype: float32
+""" for name, extra in (("sce", ""), ("sce_select_topk", "parameters:\n  select_topk: 0.4\n"))},
 }
 RANDOM_METHODS = ("dare_linear", "dare_ties", "della", "della_linear")
 
@@ -251,6 +367,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         (staging / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if args.out.exists():
+            # other generators' goldens nested here (a folder with its own MANIFEST.json, e.g. tokenizer/ from
+            # make_goldens_tokenizer.py) are not ours to rewrite: they move into the new folder untouched
+            for sub in sorted(args.out.iterdir()):
+                if sub.is_dir() and (sub / "MANIFEST.json").exists():
+                    os.rename(sub, staging / sub.name)
             shutil.rmtree(args.out)
         os.rename(staging, args.out)
     finally:

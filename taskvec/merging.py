@@ -255,7 +255,7 @@ def merge(
     keys = ref.keys()
     float_keys = [k for k in keys if ref.index[k].is_float]
     # base tensors enter the kernel only when the method uses them (slerp's first endpoint, task vectors)
-    use_base = m.needs_base or m.name == "slerp"
+    use_base = m.needs_base or m.optional_base
 
     if checked.get("trim_scope") == "global":
         checked["threshold"] = _global_thresholds(base_src, model_srcs, checked["density"], float_keys, device,

@@ -249,7 +249,9 @@ def _as_slices(cfg: MergeConfig, opened: Mapping[str, Any], where: str) -> list[
         return list(cfg.slices)
     counts = {m.model: _num_layers(opened[m.model]) for m in cfg.models}
     entries = list(cfg.models)
-    if cfg.base_model and cfg.base_model not in counts and _uses_base(cfg.merge_method):
+    spec = _registry().get_method(cfg.merge_method)
+    if cfg.base_model and cfg.base_model not in counts and (_uses_base(cfg.merge_method) or spec.optional_base
+                                                             or spec.base_as_model):
         entries.append(ModelEntry(cfg.base_model))  # mergekit adds the base when the list omits it
         counts[cfg.base_model] = _num_layers(opened[cfg.base_model])
     if len(set(counts.values())) > 1:
@@ -298,7 +300,10 @@ def compile_config(cfg: MergeConfig, opened: Mapping[str, Any]) -> CompiledMerge
             pieces[0] = (_remapped_source(first.name, mapping, first.model_dir), pieces[0][1])
         return CompiledMerge("passthrough", None, [], {}, total_layers, passthrough_slices=pieces)
 
-    needs_base = _uses_base(cfg.merge_method)
+    spec = _registry().get_method(cfg.merge_method)
+    # nuslerp / multislerp use a base_model when the config names one; karcher merges it as a model (base_as_model)
+    needs_base = _uses_base(cfg.merge_method) or (
+        spec.optional_base and bool(cfg.base_model or any(s.base_model for s in slices)))
     # Split every slice into its base source and the others, in order: position j = the j-th non-base source.
     bases: list[SliceSource | None] = []
     others: list[list[SliceSource]] = []

@@ -45,8 +45,12 @@ from ..errors import ParameterError, ShapeMismatchError
 from .arithmetic import linear_average
 from .dare import dare_drop, tensor_generator
 from .model_stock import model_stock
+from .ram import ram_merge, ramplus_scales
+from .sce import sce_merge
+from .selective import arcee_fusion, nearswap
 from .slerp import slerp
 from .spectral import consensus, iso_c, iso_cts, tsv_merge
+from .spherical import karcher_mean, multislerp, nuslerp, nuslerp_t
 from .sparsify import RESCALES, della_magprune, trim_breadcrumbs, trim_topk
 from .statistics import FISHER_FLOORS, fisher_merge, fisher_norms, regmean_merge, transposed_names
 from .ties import check_weight_signs, combine_deltas
@@ -165,6 +169,10 @@ class MergeMethod:
     kernel: Kernel = field(repr=False)
     params: tuple[Param, ...] = ()
     needs_base: bool = True
+    # a base, when given, enters the kernel (slerp's t = 0 end; nuslerp's / multislerp's origin)
+    optional_base: bool = False
+    # a mergekit config's base_model is merged as one more model (mergekit's base-ignoring `karcher`)
+    base_as_model: bool = False
     min_models: int = 1
     max_models: int | None = None
     reference: str = ""
@@ -196,7 +204,8 @@ class MergeMethod:
         raise ParameterError(f"{self.name} has no parameter {name!r}; its parameters: {', '.join(self.param_names) or 'none'}")
 
     def __repr__(self) -> str:
-        lines = [f"MergeMethod {self.name!r}: {self.summary}", f"  base model: {'required' if self.needs_base else 'not used'}"]
+        role = "required" if self.needs_base else "optional (used when given)" if self.optional_base else "not used"
+        lines = [f"MergeMethod {self.name!r}: {self.summary}", f"  base model: {role}"]
         for p in self.params:
             scope = "per-model" if p.per_model else "global"
             default = "required" if p.required else repr(p.default)
@@ -474,6 +483,48 @@ def _passthrough(base, tensors, name, p):
     return tensors[0].clone()
 
 
+def _nuslerp(base, tensors, name, p):
+    t = nuslerp_t(p["weight"])
+    kw = dict(row_wise=p["nuslerp_row_wise"], flatten=p["nuslerp_flatten"])
+    if base is None:
+        return nuslerp(t, tensors[0], tensors[1], **kw)
+    return base + nuslerp(t, tensors[0] - base, tensors[1] - base, **kw)
+
+
+def _multislerp(base, tensors, name, p):
+    return multislerp(tensors, p["weight"], base, normalize_weights=p["normalize_weights"], eps=p["eps"], name=name)
+
+
+def _karcher(base, tensors, name, p):
+    return karcher_mean(tensors, max_iter=p["max_iter"], tol=p["tol"])
+
+
+def _nearswap(base, tensors, name, p):
+    return nearswap(base, tensors[0], p["t"])
+
+
+def _arcee_fusion(base, tensors, name, p):
+    return arcee_fusion(base, tensors[0])
+
+
+def _stacked_deltas(base, tensors):
+    return torch.stack([t - base for t in tensors], dim=0)
+
+
+def _ram(base, tensors, name, p):
+    return base + ram_merge(_stacked_deltas(base, tensors), p["epsilon"])
+
+
+def _ramplus_tl(base, tensors, name, p):
+    deltas = _stacked_deltas(base, tensors)
+    scales = ramplus_scales(deltas, p["epsilon"], r=p["r"], alpha=p["alpha"])
+    return base + ram_merge(deltas, p["epsilon"], scales=scales)
+
+
+def _sce(base, tensors, name, p):
+    return base + sce_merge(_stacked_deltas(base, tensors), p["select_topk"], p["semantics"])
+
+
 # ---------------------------------------------------------------------------------
 # Parameter specs shared by several methods.
 
@@ -618,7 +669,7 @@ _METHOD_LIST = [
     MergeMethod(
         "slerp", "spherical interpolation from the base (t=0) to the model (t=1)", _slerp,
         (Param("t", 0.5, "interpolation position", low=0.0, high=1.0),),
-        needs_base=False, max_models=2,
+        needs_base=False, optional_base=True, max_models=2,
     ),
     MergeMethod(
         "model_stock", "average pulled towards the base by the task-vector angle", _model_stock,
@@ -677,6 +728,63 @@ _METHOD_LIST = [
                low=0.0, aliases=("tall_mask_lambda",)),
          LAMBDA),
         needs_base=True, reference="https://arxiv.org/abs/2405.07813",
+    ),
+    MergeMethod(
+        "nuslerp", "NuSLERP: slerp with t = w_1 / (w_0 + w_1), of the task vectors when a base is given",
+        _nuslerp,
+        (_weight(),
+         Param("nuslerp_flatten", True, "interpolate the whole tensor as one vector; false: row by row", kind="bool"),
+         Param("nuslerp_row_wise", False, "with nuslerp_flatten false: interpolate along dimension 0 (columns) "
+               "instead of the last dimension (rows)", kind="bool")),
+        needs_base=False, optional_base=True, min_models=2, max_models=2,
+        reference="https://github.com/arcee-ai/mergekit (mergekit's nuslerp)",
+    ),
+    MergeMethod(
+        "multislerp", "Multi-SLERP: barycentric interpolation of N models on the sphere (around the base if given)",
+        _multislerp,
+        (_weight(),
+         Param("normalize_weights", True, "divide the weights by their sum", kind="bool"),
+         Param("eps", 1e-8, "numerical floor added to norms", low=0.0, low_open=True)),
+        needs_base=False, optional_base=True, reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    ),
+    MergeMethod(
+        "karcher", "Karcher mean: Riemannian mean of the directions on the sphere, times the mean norm", _karcher,
+        (Param("max_iter", 10, "fixed-point iterations at most", kind="int", low=0),
+         Param("tol", 1e-5, "stop when the tangent step is shorter; smaller norms count as zero", low=0.0)),
+        needs_base=False, base_as_model=True, reference="https://arxiv.org/abs/2603.04972",
+    ),
+    MergeMethod(
+        "nearswap", "NearSwap: move base entries to the model's by at most t (all the way when closer)",
+        _nearswap,
+        (Param("t", _NO_DEFAULT, "distance below which the model's value is taken outright", low=0.0),),
+        needs_base=True, max_models=1, reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+    ),
+    MergeMethod(
+        "arcee_fusion", "Arcee Fusion: keep the model's changes whose |delta| x KL importance is an outlier",
+        _arcee_fusion, (), needs_base=True, max_models=1, reference="https://arcee.ai",
+    ),
+    MergeMethod(
+        "ram", "RAM: keep updates only one model makes, average shared ones", _ram,
+        (Param("epsilon", 1e-5, "|tau| above this counts as an update", low=0.0),),
+        needs_base=True, reference="https://arxiv.org/abs/2601.13572",
+    ),
+    MergeMethod(
+        "ramplus_tl", "RAM+ (tensor-local): RAM with each model's unique updates scaled by its overlap",
+        _ramplus_tl,
+        (Param("r", 0.1, "strength of the unique-update rescaling", low=0.0),
+         Param("alpha", 0.2, "cap on the overlap ratio rho", low=0.0),
+         Param("epsilon", 1e-5, "|tau| above this counts as an update", low=0.0)),
+        needs_base=True, reference="https://arxiv.org/abs/2601.13572",
+    ),
+    MergeMethod(
+        "sce", "SCE: select high-variance entries, weight models by energy, erase minority signs", _sce,
+        (Param("select_topk", 1.0, "fraction of entries (by variance across models) kept", low=0.0, high=1.0,
+               low_open=True),
+         Param("semantics", "paper", "paper: coefficients always from the task vectors' energy; mergekit: equal "
+               "coefficients when the mean squares sum below 1e-6, divisor floored at 1e-6 (sce.py)",
+               kind="choice", choices=("paper", "mergekit")),
+         INT8_MASK),
+        needs_base=True, reference="https://arxiv.org/abs/2408.07990",
     ),
     MergeMethod(
         "passthrough", "copy one model's tensors (layer stacking: taskvec.merging.passthrough)", _passthrough,

@@ -1,0 +1,80 @@
+"""SCE: Select, Calculate, Erase (Wan et al. 2024, FuseChat, https://arxiv.org/abs/2408.07990),
+mergekit 0.1.5's `sce`. Per tensor, on stacked task vectors tau_i = theta_i - theta_0:
+
+    Select:    keep the fraction select_topk of entries where the task vectors vary most
+               (variance over the models), the same entries for every model
+    Calculate: eta_i = ||tau_i||^2 / sum_j ||tau_j||^2             (one coefficient per model)
+    Erase:     gamma = sign(sum_i tau_i) (0 -> +1); drop entries whose sign is not gamma
+    Merge:     theta = theta_0 + sum_i eta_i m_i tau_i / max(sum_i eta_i m_i, 1e-6)
+
+The selection keeps k = floor(select_topk * (entries with non-zero variance)) entries
+(`torch.topk`, as mergekit; k = 0 keeps none). Election and agreement are TIES's
+(`ties.elect_sign`, `ties.agreement`).
+
+Where mergekit departs from the paper (`semantics`): mergekit computes eta from mean squares
+and, when the mean squares of all task vectors sum to less than 1e-6, silently falls back to
+equal coefficients 1/N. Fine-tuning deltas of large models are often that small (entries ~1e-4
+give mean squares ~1e-8), so there the mergekit merge is an unweighted one. semantics="paper"
+(taskvec's default) always uses the paper's eta (equal only when every task vector is exactly
+zero); semantics="mergekit" (every YAML run) reproduces mergekit's fallback. Likewise mergekit
+divides by max(sum_i eta_i m_i, 1e-6), which shrinks entries where only models with a tiny eta
+agree; under "paper" the divisor is sum_i eta_i m_i itself (1 where no model agrees). "paper" is
+also what mergekit's SCE computed before 0.1.5 (exact-zero tests in both places).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import ParameterError
+from .ties import agreement, elect_sign
+
+_MERGEKIT_FLOOR = 1e-6  # mergekit 0.1.5's threshold on the sum of the mean squares
+
+
+def sce_select(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
+    """Select: a 0/1 mask (shape deltas.shape[1:]) of the top `select_topk` fraction of entries by variance
+    across the models (population variance), counted among entries whose variance is non-zero."""
+    if not 0.0 < select_topk <= 1.0:
+        raise ParameterError(f"select_topk must be in (0, 1], got {select_topk!r}")
+    if select_topk >= 1:
+        return torch.ones_like(deltas[0])
+    var = torch.var(deltas, dim=0, unbiased=False)
+    k = int(torch.count_nonzero(var) * select_topk)
+    mask = torch.zeros_like(var)
+    if k > 0:
+        _, idx = torch.topk(var.abs().view(-1), k=k, largest=True)
+        mask.view(-1)[idx] = 1
+    return mask
+
+
+def sce_coefficients(deltas: torch.Tensor, semantics: str = "paper") -> torch.Tensor:
+    """Calculate: eta_i proportional to tau_i's mean square (= its sum of squares / entries), summing to 1."""
+    energy = deltas.square().reshape(deltas.shape[0], -1).mean(dim=1)
+    total = torch.sum(energy).item()
+    floor = _MERGEKIT_FLOOR if semantics == "mergekit" else 0.0
+    if abs(total) < floor or total == 0.0:
+        return torch.ones_like(energy) / energy.shape[0]
+    return energy / total
+
+
+def sce_erase(deltas: torch.Tensor) -> torch.Tensor:
+    """Erase: 1.0 where tau_i is non-zero with the sign of sum_i tau_i (a zero sum elects +), else 0.0."""
+    signs = elect_sign(deltas, "mass")
+    return agreement(deltas, torch.where(signs == 0, torch.ones_like(signs), signs))
+
+
+def sce_merge(deltas: torch.Tensor, select_topk: float = 1.0, semantics: str = "paper") -> torch.Tensor:
+    """The merged task vector from stacked task vectors [n, ...]: select, calculate, erase, weighted mean."""
+    if semantics not in ("paper", "mergekit"):
+        raise ParameterError(f"semantics must be 'paper' or 'mergekit', got {semantics!r}")
+    if select_topk < 1:
+        deltas = deltas * sce_select(deltas, select_topk).unsqueeze(0)
+    eta = sce_coefficients(deltas, semantics)
+    eta = eta.reshape(-1, *([1] * (deltas.dim() - 1)))
+    weights = eta * sce_erase(deltas)
+    divisor = torch.sum(weights, dim=0)
+    if semantics == "mergekit":
+        divisor = divisor.clamp(min=1e-6)
+    else:  # the reference code's: 1 where no model agrees (the numerator is 0 there too)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    return (deltas * weights).sum(dim=0) / divisor
