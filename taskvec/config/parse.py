@@ -130,6 +130,66 @@ TOP_LEVEL_KEYS = ("merge_method", "models", "slices", "modules", "base_model", "
 NOT_SUPPORTED_KEYS: dict[str, str] = {}
 # The module name of a single-module architecture in mergekit (architecture/json_definitions.py: "default").
 DEFAULT_MODULE = "default"
+# Every field of mergekit 0.1.5's config schema (mergekit/config.py, tokenizer/config.py, common.py; the list is
+# benchmarks/results/mergekit_config_fields.txt) -> (where it sits in the YAML, status, note). Statuses:
+# supported | partial (part of the values refused, by name) | no effect (accepted, listed in the model card) | refused.
+# benchmarks/results/mergekit_config_keys.md is this table; tests/test_config_tokenizer.py checks both.
+MERGEKIT_CONFIG_KEYS: dict[str, tuple[str, str, str]] = {
+    "MergeConfiguration.merge_method": ("merge_method", "supported", "every method in taskvec.methods"),
+    "MergeConfiguration.models": ("models", "supported", ""),
+    "MergeConfiguration.slices": ("slices", "supported", ""),
+    "MergeConfiguration.modules": ("modules", "partial",
+                                   "mergekit's single module `default` (one-module architectures); other module "
+                                   "names (multi-module architectures: text_decoder, vision_tower, ...) refused, "
+                                   "naming the module: taskvec has no architecture definitions"),
+    "MergeConfiguration.base_model": ("base_model", "supported", ""),
+    "MergeConfiguration.dtype": ("dtype", "supported", "taskvec computes in float32; sets the output dtype "
+                                                       "unless out_dtype"),
+    "MergeConfiguration.out_dtype": ("out_dtype", "supported", ""),
+    "MergeConfiguration.parameters": ("parameters", "supported", "scalars, gradients, filter lists"),
+    "MergeConfiguration.tokenizer_source": ("tokenizer_source", "supported", "union | base | model path"),
+    "MergeConfiguration.tokenizer": ("tokenizer", "supported", "vocabulary merge (taskvec.config.tokenizer)"),
+    "MergeConfiguration.chat_template": ("chat_template", "supported",
+                                         "a name mergekit ships (alpaca, chatml, exaone, llama3, mistral), auto, "
+                                         "or a Jinja string"),
+    "InputModelDefinition.model": ("models[].model", "supported", ""),
+    "InputModelDefinition.parameters": ("models[].parameters", "supported", ""),
+    "InputSliceDefinition.model": ("slices[].sources[].model", "supported", ""),
+    "InputSliceDefinition.layer_range": ("slices[].sources[].layer_range", "supported", ""),
+    "InputSliceDefinition.parameters": ("slices[].sources[].parameters", "supported", ""),
+    "OutputSliceDefinition.sources": ("slices[].sources", "supported", ""),
+    "OutputSliceDefinition.base_model": ("slices[].base_model", "supported", ""),
+    "OutputSliceDefinition.residual_weight": ("slices[].residual_weight", "no effect",
+                                              "mergekit 0.1.5 parses it but never reads it; a warning says so"),
+    "OutputSliceDefinition.parameters": ("slices[].parameters", "supported", ""),
+    "OutputModuleDefinition.slices": ("modules.NAME.slices", "supported", "for module `default`"),
+    "OutputModuleDefinition.models": ("modules.NAME.models", "supported", "for module `default`"),
+    "OutputModuleDefinition.parameters": ("modules.NAME.parameters", "supported",
+                                          "between the slice's and the global parameters, as in mergekit"),
+    "ConditionalParameter.value": ("parameters.P[].value", "supported", ""),
+    "ConditionalParameter.filter": ("parameters.P[].filter", "supported", "substring of the tensor name; `*`"),
+    "TokenizerConfig.source": ("tokenizer.source", "supported", "union (default) | base | model path"),
+    "TokenizerConfig.tokens": ("tokenizer.tokens", "supported", "token -> {source, force}"),
+    "TokenizerConfig.pad_to_multiple_of": ("tokenizer.pad_to_multiple_of", "supported",
+                                           "padding rows = mean of the real rows"),
+    "TokenEmbeddingConfig.source": ("tokenizer.tokens.T.source", "supported",
+                                    "model path | {kind: zero} | {kind: model_token, ...}; another kind is an "
+                                    "error naming it"),
+    "TokenEmbeddingConfig.force": ("tokenizer.tokens.T.force", "supported", ""),
+    "ModelTokenEmbedding.kind": ("tokenizer.tokens.T.source.kind", "supported", "model_token"),
+    "ModelTokenEmbedding.model": ("tokenizer.tokens.T.source.model", "supported",
+                                  "must be one of the merged models"),
+    "ModelTokenEmbedding.token_id": ("tokenizer.tokens.T.source.token_id", "supported", ""),
+    "ModelTokenEmbedding.token": ("tokenizer.tokens.T.source.token", "supported", ""),
+    "ZeroEmbedding.kind": ("tokenizer.tokens.T.source.kind", "supported", "zero"),
+    "ModelReference.model": ("MODEL.model (long form)", "supported", "`PATH` or `{path: PATH}`"),
+    "ModelReference.lora": ("MODEL.lora (long form)", "supported", "same as `PATH+LORA`"),
+    "ModelReference.override_architecture": ("MODEL.override_architecture", "refused",
+                                             "taskvec reads tensor names, not architectures"),
+    "ModelPath.path": ("MODEL.model.path", "supported", ""),
+    "ModelPath.revision": ("MODEL.model.revision", "refused",
+                           "hub revisions can't be fetched; give the downloaded folder"),
+}
 # Options mergekit accepts that change nothing in taskvec (why, for the docs and the model card).
 NO_EFFECT = {
     "int8_mask": "mergekit stores sign masks as int8 to save memory; taskvec's masks are already boolean",

@@ -164,7 +164,7 @@ def _finish_folder(cfg: MergeConfig, plan: CompiledMerge, opened: Mapping[str, A
             cfg_path.write_text(json.dumps(hf, indent=2) + "\n")
 
     donor_ref = cfg.tokenizer_source
-    if donor_ref in (None, "base"):
+    if donor_ref in (None, *TOKENIZER_SOURCES):
         donor_ref = cfg.base_model or cfg.referenced_models()[0]
     donor = opened.get(donor_ref)
     if donor is None:  # tokenizer_source names a model that is not merged: open it just for the tokenizer
