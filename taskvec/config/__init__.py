@@ -14,7 +14,15 @@ Supported keys (everything else is an error that lists these):
 * ``dtype`` (mergekit: the dtype inputs are cast to) and ``out_dtype``: taskvec
   always computes in float32; the output gets ``out_dtype``, else ``dtype``,
   else the base model's dtype;
-* ``tokenizer_source``: ``base`` or a model path (``union`` is not supported).
+* ``tokenizer:`` (``source: union | base | MODEL``, ``tokens:`` overrides, ``pad_to_multiple_of``) and the
+  legacy ``tokenizer_source:``: the output vocabulary, every model's embedding / LM-head rows re-indexed to
+  it before merging, exactly as mergekit 0.1.5 (`taskvec.config.tokenizer`);
+* ``chat_template``: a template name mergekit ships, ``auto`` or a Jinja string, saved with the tokenizer;
+* ``modules:`` with mergekit's single module ``default``; other modules (multi-module architectures) are
+  refused, naming the module.
+
+Every field of mergekit 0.1.5's schema and its status: `MERGEKIT_CONFIG_KEYS`
+(benchmarks/results/mergekit_config_keys.md).
 
 Parameter values follow mergekit's semantics exactly (see `evaluate_setting`):
 a scalar; a list of numbers — a *gradient* interpolated linearly over the layer
@@ -41,6 +49,7 @@ The package, in the order data flows through it:
 * `taskvec.config.parse` — YAML -> `MergeConfig`, every key and value checked;
 * `taskvec.config.plan` — `MergeConfig` + opened models -> `CompiledMerge`
   (slices, layer ranges and per-tensor parameter values resolved; `describe()`);
+* `taskvec.config.tokenizer` — the vocabulary merge (pure functions on vocabularies) and chat templates;
 * `taskvec.config.run` — `run_config`: execute the plan, write the folder atomically;
 * `taskvec.config.cli` — ``taskvec merge``.
 
@@ -54,12 +63,14 @@ from taskvec.config.cli import cli_main
 from taskvec.config.parse import (
     DTYPES,
     INTERNAL_PARAMS,
+    MERGEKIT_CONFIG_KEYS,
     NO_EFFECT,
     NOT_SUPPORTED_KEYS,
     TOP_LEVEL_KEYS,
     Conditional,
     MergeConfig,
     ModelEntry,
+    ModuleDef,
     OutputSlice,
     Scalar,
     Setting,
@@ -78,11 +89,13 @@ from taskvec.config.plan import (
     plan_config,
 )
 from taskvec.config.run import TOKENIZER_FILES, run_config
+from taskvec.config.tokenizer import TokenEmbedding, TokenizerSpec, TokenSource
 from taskvec.errors import CheckpointError, OutputError, ParameterError, TaskVecError
 
 __all__ = [
     "parse_config", "plan_config", "compile_config", "open_models", "run_config", "cli_main",
-    "MergeConfig", "ModelEntry", "SliceSource", "OutputSlice", "Conditional", "CompiledMerge", "Scalar", "Setting",
+    "MergeConfig", "ModelEntry", "SliceSource", "OutputSlice", "ModuleDef", "Conditional", "CompiledMerge", "Scalar",
+    "Setting", "TokenizerSpec", "TokenEmbedding", "TokenSource", "MERGEKIT_CONFIG_KEYS",
     "evaluate_setting", "is_constant", "supported_methods",
     "TOP_LEVEL_KEYS", "NOT_SUPPORTED_KEYS", "NO_EFFECT", "DTYPES", "INTERNAL_PARAMS", "MERGEKIT_DEFAULTS",
     "MERGEKIT_REQUIRED", "TOKENIZER_FILES",
