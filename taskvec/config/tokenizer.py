@@ -204,18 +204,20 @@ def permute_rows(tensors: Mapping[str, torch.Tensor], vocab: Mapping[str, int],
             defaults[tok] = _source_row(configs[tok], tok, tid, views, permutations, original_vocabs, name)
 
     size = padded_size(len(vocab), pad_to_multiple_of)
-    ids = torch.tensor(list(vocab.values()), dtype=torch.long)
+    id_list = list(vocab.values())
+    ids = torch.tensor(id_list, dtype=torch.long)
+    forced = torch.tensor([bool(tokens.get(t) and tokens[t].force) for t in vocab], dtype=torch.bool)
     out = {}
     for m in models:
         p = permutations[m]
-        src = torch.tensor([p[int(i)] for i in ids], dtype=torch.long)
-        forced = torch.tensor([bool(tokens.get(t) and tokens[t].force) for t in vocab], dtype=torch.bool)
-        copy = (src >= 0) & ~forced
+        src = torch.tensor([p[i] for i in id_list], dtype=torch.long)
+        copy = (src >= 0) & ~forced  # the model's own row, unless the token is forced
         new = torch.zeros((size, *row_shape))
         new[ids[copy]] = views[m][src[copy]]
-        for tok, tid in vocab.items():
-            if tok in defaults and not (p[tid] >= 0 and not (tokens.get(tok) and tokens[tok].force)):
-                new[tid] = defaults[tok]
+        for tok, row in defaults.items():
+            tid = vocab[tok]
+            if p[tid] < 0 or (tokens.get(tok) and tokens[tok].force):
+                new[tid] = row
         if size > len(vocab):  # https://nlp.stanford.edu/~johnhew/vocab-expansion.html, as mergekit
             new[len(vocab):] = new[:len(vocab)].mean(dim=0)
         out[m] = new.movedim(0, axis).to(tensors[m].dtype)
