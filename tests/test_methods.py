@@ -575,7 +575,8 @@ def test_prop_averaging_identical_models_is_identity(values, n):
 
 
 @settings(max_examples=30, deadline=None)
-@given(small, small, st.sampled_from(sorted(set(METHODS) - {"fisher", "regmean", "passthrough", "model_stock", "slerp"})))
+@given(small, small, st.sampled_from(sorted(set(METHODS) - {"fisher", "regmean", "passthrough", "model_stock", "slerp",
+                                                               "nuslerp", "nearswap"})))  # test_methods_mergekit.py
 def test_prop_merge_tensor_never_aliases_or_mutates(b, d, method):
     n = min(len(b), len(d))
     base, ft = T(b[:n]), T(b[:n]) + T(d[:n])

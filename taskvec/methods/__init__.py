@@ -8,7 +8,10 @@ methods up by name.
 from .arithmetic import analogy, linear_average, negate, task_arithmetic
 from .dare import check_drop_rate, dare_drop, tensor_generator
 from .model_stock import model_stock
+from .ram import contribution_masks, ram_merge, ramplus_scales
 from .registry import METHODS, MergeMethod, Param, get_method, register, resolve_value
+from .sce import sce_coefficients, sce_erase, sce_merge, sce_select
+from .selective import arcee_fusion, fusion_importance, fusion_threshold, nearswap
 from .slerp import check_t, lerp, slerp
 from .spectral import (
     check_fraction,
@@ -22,6 +25,7 @@ from .spectral import (
     top_svd,
     tsv_merge,
 )
+from .spherical import karcher_initial_mean, karcher_mean, karcher_tangent, multislerp, nuslerp, nuslerp_t
 from .sparsify import (
     MagnitudeSelector,
     check_density,
@@ -52,4 +56,8 @@ __all__ = [
     "kth_largest_abs", "lerp", "linear_average", "model_stock", "negate", "regmean_merge", "register",
     "resolve_value", "slerp", "task_arithmetic", "tensor_generator", "ties_merge", "trim_breadcrumbs",
     "transposed_names", "trim_topk",
+    # mergekit 0.1.5's other methods
+    "arcee_fusion", "contribution_masks", "fusion_importance", "fusion_threshold", "karcher_initial_mean",
+    "karcher_mean", "karcher_tangent", "multislerp", "nearswap", "nuslerp", "nuslerp_t", "ram_merge",
+    "ramplus_scales", "sce_coefficients", "sce_erase", "sce_merge", "sce_select",
 ]

@@ -112,7 +112,7 @@ class Param:
         if self.kind == "int":
             if int(value) != value:
                 raise ParameterError(f"{label} must be an integer, got {value!r}")
-            return int(value)
+            value = int(value)  # and in range, below
         v = float(value)
         bad = math.isnan(v)
         if self.low is not None:
@@ -121,7 +121,7 @@ class Param:
             bad |= v >= self.high if self.high_open else v > self.high
         if bad:
             raise ParameterError(f"{label} must be in {self.range_text()}, got {value!r}")
-        return v
+        return value if self.kind == "int" else v
 
 
 def _is_lookup(v: Any) -> bool:

@@ -25,6 +25,13 @@ barycentric interpolation of N points on the sphere --
     merge = (sum_i w_i |v_i|) x   (+ theta_0)
 
 (one tangent step, not an iterated mean; weights normalised to sum 1 by default).
+Note what this computes: m is the normalised weighted mean of the u_i, so
+g = sum_i w_i u_i - <sum_i w_i u_i, m> m = 0 by construction (up to rounding), and the
+result is m times the weighted mean norm -- a normalised weighted average of the
+directions, not the spherical barycentre the blog post describes (for two orthogonal unit
+vectors with weights 3:1 it points at atan(1/3) = 18.4 degrees from the first, where slerp at
+t = 1/4 points at 22.5). taskvec reproduces mergekit's formula as it is; the
+`karcher` method is the iterated spherical mean.
 
 Karcher mean (Wang, Ye & Yin 2026, "Functionality-Oriented LLM Merging on the
 Fisher-Rao Manifold", https://arxiv.org/abs/2603.04972): the fixed-point iteration for
