@@ -5,8 +5,11 @@
    tensors `mergekit-yaml` 0.1.5 wrote for each (`benchmarks/make_goldens.py`
    regenerates them). `taskvec merge` of the same config must give:
    * linear, task_arithmetic, ties (also with a negative weight), breadcrumbs(_ties),
-     slerp, model_stock (also filter_wise), passthrough: the same tensors, to the
-     float32 rounding of a different evaluation order (see ULPS);
+     slerp, model_stock (also filter_wise), passthrough, nuslerp (without a base; with one,
+     row and column wise), multislerp (with and without a base), karcher (a base_model merged
+     as a model), nearswap, arcee_fusion, ram, ramplus_tl, sce (also select_topk): the same
+     tensors, to the float32 rounding of a different evaluation order (see ULPS; the eight
+     methods added last mirror mergekit's float32 operations and agree bit for bit);
    * dare_linear, dare_ties, della, della_linear: masks are random, so not the same
      entries; what must agree is mergekit's `rescale: true` — one factor per tensor
      that gives the dropped task vector the L1 norm of the whole one — and the kept

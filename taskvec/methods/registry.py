@@ -13,11 +13,12 @@ Parameter values may be given as
 list entries may themselves be callables or mappings.
 
 `semantics` ("paper", the default, or "mergekit", which every mergekit YAML config
-runs with) changes three things: where TIES-family weights enter (ties.py); what
+runs with) changes four things: where TIES-family weights enter (ties.py); what
 DARE/DELLA's `rescale=True` means (paper: divide each survivor by its keep
 probability; mergekit: one factor per tensor, ||tau||_1 / ||kept tau||_1, which is
-also `rescale="l1"` under either semantics); and whether model_stock clamps its
-cosine to [0, 1] (paper) or extrapolates as mergekit does (model_stock.py).
+also `rescale="l1"` under either semantics); whether model_stock clamps its
+cosine to [0, 1] (paper) or extrapolates as mergekit does (model_stock.py); and
+whether SCE falls back to equal coefficients on small task vectors as mergekit does (sce.py).
 
 What `weight < 0` means, method by method:
   * linear: an extrapolation away from that model, sum_i w_i theta_i / sum_i w_i
@@ -28,7 +29,9 @@ What `weight < 0` means, method by method:
     semantics, where it would contradict the elected sign; under "mergekit" -|w| tau
     votes, and with normalize a warning says where the divisor flips it (ties.py);
   * fisher: scales that model's Fisher weight; slerp, model_stock, regmean, tsv_m, iso_c, iso_cts,
-    consensus: no weights.
+    consensus: no weights;
+  * nuslerp (t = w_1 / (w_0 + w_1)), multislerp (barycentric weights): extrapolation, as in mergekit;
+    karcher, nearswap, arcee_fusion, ram, ramplus_tl, sce: no weights.
 
 Integer / bool tensors carry no task vector: `merge_tensor` returns a copy of the
 base's (the first model's without a base), as whole-model `merge()` does.
