@@ -298,3 +298,12 @@ def test_the_committed_field_list_is_mergekits():
     res = subprocess.run(["/tmp/venv-bench/bin/python", "-c", code], capture_output=True, text=True, check=True)
     fields = (REPO / "benchmarks" / "results" / "mergekit_config_fields.txt").read_text().split()
     assert res.stdout.split() == fields
+
+
+def test_dry_run_shows_the_vocabulary_plan(in_goldens, capsys):
+    from taskvec.config import cli_main
+
+    assert cli_main(["configs/tokens.yml", "/tmp/never-written", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "tokenizer: union -> 24 tokens, 32 rows (pad_to_multiple_of 16)" in out
+    assert "2 averaged" not in out and "1 averaged" in out and not Path("/tmp/never-written").exists()

@@ -43,7 +43,15 @@ def cli_main(argv: list[str]) -> int:
     device = "cuda" if args.cuda and args.device == "cpu" else args.device
     try:
         if args.dry_run:
-            print(plan_config(args.config).describe())
+            from taskvec.config.parse import parse_config
+            from taskvec.config.plan import open_models
+            from taskvec.config.run import merge_vocabulary
+
+            cfg = parse_config(args.config)
+            print(plan_config(cfg).describe())
+            vocab = merge_vocabulary(cfg, open_models(cfg)) if cfg.tokenizer is not None else None
+            if vocab is not None:
+                print(vocab.describe())
             return 0
         out = run_config(args.config, args.out, device=device, out_shard_size=args.out_shard_size,
                          copy_tokenizer=args.copy_tokenizer, seed=args.seed, progress=args.progress)

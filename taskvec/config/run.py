@@ -125,7 +125,7 @@ def merge_vocabulary(cfg: MergeConfig, opened: Mapping[str, Any]) -> VocabularyM
             return None
         raise
     identity = all(all(k == v for k, v in p.items()) and len(p) == len(info.original_vocabs.get(m, p))
-                   for m, p in info.permutations.items())
+                   and info.vocab_sizes.get(m, info.size) == info.size for m, p in info.permutations.items())
     if legacy and identity and not spec.tokens and not spec.pad_to_multiple_of:
         return None
     slices = cfg.slices or ()

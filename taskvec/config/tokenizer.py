@@ -484,6 +484,25 @@ class VocabularyMerge:
             self._cache = (key, out)
         return self._cache[1][ref]
 
+    def describe(self) -> str:
+        """One paragraph for ``--dry-run``: the output vocabulary and where its rows come from."""
+        models = list(self.info.permutations)
+        configs, average = assign_sources(self.info.vocab, self.info.permutations, models, self.base,
+                                          self.spec.tokens)
+        missing = [t for t, i in self.info.vocab.items() if any(p[i] < 0 for p in self.info.permutations.values())]
+        kinds: dict[str, int] = {}
+        for t in missing:
+            cfg = configs.get(t)
+            kind = ("averaged" if t in average else "tokens: override" if t in self.spec.tokens
+                    else "zero" if cfg.source.kind == "zero" else f"from {cfg.source.model}")
+            kinds[kind] = kinds.get(kind, 0) + 1
+        lines = [f"  tokenizer: {self.spec.source} -> {self.info.size} tokens"
+                 + (f", {self.size} rows (pad_to_multiple_of {self.spec.pad_to_multiple_of})"
+                    if self.size != self.info.size else "")]
+        lines.append(f"    {len(missing)} tokens some model lacks; their rows: "
+                     + (", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"))
+        return "\n".join(lines)
+
     def wrap(self) -> dict[str, Any]:
         from taskvec.io.base import Source, TensorMeta
 
