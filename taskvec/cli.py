@@ -18,9 +18,9 @@ USAGE = "usage: taskvec {" + ",".join(COMMANDS) + "} [options]\n\n" + "\n".join(
 ) + "\n\nRun `taskvec COMMAND --help` for a command's options."
 
 
-def _rank(text: str) -> int | None:
-    if text == "full":
-        return None
+def _rank(text: str) -> int | str:
+    if text == "full":  # a string, not None: argparse would count a None as "not given" in a required group
+        return text
     try:
         value = int(text)
     except ValueError:
@@ -77,7 +77,7 @@ def extract_lora(argv: list[str]) -> int:
         from taskvec.vector import TaskVector
 
         tv = TaskVector.from_models(args.base, args.finetuned)
-        export = tv.to_lora(args.out, args.rank, energy=args.energy, extras="drop" if args.drop_extras else "full",
+        export = tv.to_lora(args.out, None if args.rank == "full" else args.rank, energy=args.energy, extras="drop" if args.drop_extras else "full",
                             dtype=getattr(torch, args.dtype), overwrite=args.overwrite)
     except TaskVecError as e:
         print(f"taskvec extract-lora: error: {e}", file=sys.stderr)
