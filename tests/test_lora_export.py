@@ -213,6 +213,28 @@ def test_non_matrix_deltas_full_weights_or_dropped(tmp_path):
     assert json.loads((tmp_path / "lean" / "adapter_config.json").read_text())["modules_to_save"] is None
 
 
+def test_gpt2_conv1d_and_tied_wte(tmp_path):
+    # Conv1D stores W as [in, out] (fan_in_fan_out); lm_head is tied to `wte`, a name peft's list matching
+    # does not know as an embedding: the regex target still gives lm_head the tied LoRA
+    cfg = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    model.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "ft")
+    tv = TaskVector.from_models(tmp_path / "base", tmp_path / "ft")
+    export = tv.to_lora(tmp_path / "adapter", 3)
+    cfg_json = json.loads((export.path / "adapter_config.json").read_text())
+    assert cfg_json["fan_in_fan_out"] is True and cfg_json["ensure_weight_tying"] is True
+    back = TaskVector.from_lora(export.path, tmp_path / "base")
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(4))
+    want = _reference_logits(tmp_path / "base", back.apply_to(tmp_path / "base", show_progress=False), ids)
+    torch.testing.assert_close(_peft_logits(tmp_path / "base", export.path, ids), want, rtol=1e-5, atol=1e-5)
+
+
 def test_plain_state_dicts_without_config(tmp_path):
     # no config.json: module kinds from names (embed -> embedding), non-2-D kept as full weights from the base
     torch.manual_seed(0)

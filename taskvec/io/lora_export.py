@@ -16,9 +16,11 @@ device: no weights are read): nn.Linear -> lora_A/lora_B; nn.Embedding -> lora_e
 GPT-2's Conv1D -> `fan_in_fan_out`. Without a config, names decide (`embed`, `wte`, `wpe`).
 
 Tied embeddings (lm_head.weight *is* the input embedding): one tensor, one adapter. Only the
-input embedding gets a LoRA, and the config sets `ensure_weight_tying`, with which PEFT (>= 0.18)
-gives lm_head the same factors transposed — so the tie holds, and the forward equals θ₀ + τ_k's.
-(mergekit's extract-lora writes two independent adapters there.) A checkpoint that stores both
+input embedding's factors are written, and the config sets `ensure_weight_tying` (target_modules
+then a regex that names lm_head too), with which PEFT (>= 0.18) gives lm_head the embedding's
+factors transposed — the tie holds, and the forward equals θ₀ + τ_k's (peft warns that lm_head's
+LoRA keys are missing from the file: they are the embedding's). mergekit's extract-lora writes two
+independent adapters there. A checkpoint that stores both
 tensors of a tied pair must carry equal deltas for them, else it is an error.
 
 Tensors LoRA cannot express (biases, norms, any non-2-D delta): their module goes to
@@ -120,6 +122,18 @@ def _match(module: str, names) -> str | None:
         return module
     hits = [n for n in names if n.endswith("." + module) or module.endswith("." + n)]
     return hits[0] if len(hits) == 1 else None
+
+
+def _targets(modules: list[str], tied_out: list[str]):
+    """PEFT's target_modules: full module names; with a tied output layer, one regex that also names it.
+
+    PEFT (0.21) ties an output layer's LoRA to the input embedding's only when it sees an embedding among
+    the targets, and for a *list* it looks for the names `embed_tokens` / `lm_head` only (GPT-2's `wte`
+    would get no tied LoRA on lm_head); a regex that matches `lm_head` itself works for every name.
+    """
+    if not tied_out:
+        return modules
+    return "(?:" + "|".join(re.escape(m) for m in modules + tied_out) + ")"
 
 
 def _check_options(rank, energy, extras) -> None:
@@ -254,7 +268,8 @@ def export_lora(tv: "TaskVector", out_dir: str | os.PathLike, rank: int | None =
         "peft_type": "LORA", "task_type": None,
         "base_model_name_or_path": str(b.model_dir) if b is not None and b.model_dir else tv.base_name,
         "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
-        "target_modules": sorted(targets), "modules_to_save": sorted(saved) or None,
+        "target_modules": _targets(sorted(targets), sorted(tied_out) if tied else []),
+        "modules_to_save": sorted(saved) or None,
         "fan_in_fan_out": fan_in_fan_out, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
         "use_dora": False, "init_lora_weights": True, "inference_mode": True, "ensure_weight_tying": tied,
     }
