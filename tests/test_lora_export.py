@@ -44,17 +44,23 @@ def test_energy_rank_is_the_smallest_k_reaching_the_share():
 
 
 # ------------------------------------------------------------------ tiny transformers models
-def _llama(tmp_path, tie: bool, name: str):
-    cfg = transformers.LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tie)
+def _pair(make, folder, name: str = ""):
+    """(base folder, fine-tuned folder): a seeded random model and the same with every parameter perturbed."""
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
-    model.save_pretrained(tmp_path / f"{name}-base")
+    model = make()
+    base, ft = folder / f"{name}base", folder / f"{name}ft"
+    model.save_pretrained(base)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(tmp_path / f"{name}-ft")
-    return tmp_path / f"{name}-base", tmp_path / f"{name}-ft"
+    model.save_pretrained(ft)
+    return base, ft
+
+
+def _llama(tmp_path, tie: bool, name: str):
+    cfg = transformers.LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tie)
+    return _pair(lambda: transformers.LlamaForCausalLM(cfg), tmp_path, name + "-")
 
 
 @pytest.fixture(scope="module")
@@ -178,13 +184,7 @@ def test_tied_pair_stored_twice_must_agree(llamas, tmp_path):
 def test_non_matrix_deltas_full_weights_or_dropped(tmp_path):
     cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=24, max_position_embeddings=24)
-    torch.manual_seed(0)
-    model = transformers.BertModel(cfg, add_pooling_layer=False)
-    model.save_pretrained(tmp_path / "base")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(tmp_path / "ft")
+    _pair(lambda: transformers.BertModel(cfg, add_pooling_layer=False), tmp_path)
     tv = TaskVector.from_models(tmp_path / "base", tmp_path / "ft")
     export = tv.to_lora(tmp_path / "adapter")
     rep = export.report.set_index("tensor")
@@ -218,13 +218,7 @@ def test_gpt2_conv1d_and_tied_wte(tmp_path):
     # does not know as an embedding: the regex target still gives lm_head the tied LoRA
     cfg = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=16,
                                   bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(cfg)
-    model.save_pretrained(tmp_path / "base")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(tmp_path / "ft")
+    _pair(lambda: transformers.GPT2LMHeadModel(cfg), tmp_path)
     tv = TaskVector.from_models(tmp_path / "base", tmp_path / "ft")
     export = tv.to_lora(tmp_path / "adapter", 3)
     cfg_json = json.loads((export.path / "adapter_config.json").read_text())
