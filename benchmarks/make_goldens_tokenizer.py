@@ -131,6 +131,21 @@ tokenizer_source: base
 chat_template: auto
 dtype: float32
 """,
+    # slices and SLERP; the legacy key for the union: rows a model lacks come from the slice's base (ft1)
+    "slices": """\
+slices:
+  - sources:
+      - model: inputs/ft1
+        layer_range: [0, 2]
+      - model: inputs/ft3
+        layer_range: [0, 2]
+merge_method: slerp
+base_model: inputs/ft1
+parameters:
+  t: [0.2, 0.7]
+tokenizer_source: union
+dtype: float32
+""",
     # another model's vocabulary
     "model_source": """\
 models:
@@ -192,7 +207,7 @@ def write_inputs(root: Path) -> None:
         noise = 0.0 if name == "base" else 0.01
         sd = {k: t + noise * torch.randn(t.shape, generator=g) for k, t in base_layers.items()}
         emb, head = torch.zeros(v, h), torch.zeros(v, h)
-        for t, i in vocab.items():
+        for t, i in sorted(vocab.items(), key=lambda kv: kv[1]):  # id order: get_vocab()'s order varies by run
             emb[i] = rows[t][0] + noise * torch.randn(h, generator=g)
             head[i] = rows[t][1] + noise * torch.randn(h, generator=g)
         sd["model.embed_tokens.weight"], sd["lm_head.weight"] = emb, head

@@ -129,11 +129,13 @@ def merge_vocabulary(cfg: MergeConfig, opened: Mapping[str, Any]) -> VocabularyM
     if legacy and identity and not spec.tokens and not spec.pad_to_multiple_of:
         return None
     slices = cfg.slices or ()
-    if cfg.models is not None:
-        first = last = [m.model for m in cfg.models] + (
-            [cfg.base_model] if cfg.base_model and cfg.base_model not in {m.model for m in cfg.models} else [])
+    if cfg.models is not None:  # mergekit adds the base to a `models:` list that omits it (plan.py normalize_config)
+        first = last = ([m.model for m in cfg.models] + (
+            [cfg.base_model] if cfg.base_model and cfg.base_model not in {m.model for m in cfg.models} else []),
+            cfg.base_model)
     else:
-        first, last = [src.model for src in slices[0].sources], [src.model for src in slices[-1].sources]
+        first, last = [([src.model for src in s.sources], s.base_model or cfg.base_model)
+                       for s in (slices[0], slices[-1])]
     return VocabularyMerge(info, spec, cfg.base_model, opened,
                            lambda name: first if _is_pre_weight(name) else last)
 

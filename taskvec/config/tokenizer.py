@@ -445,8 +445,9 @@ class VocabularyMerge:
     `wrap()` gives one `Source` per model whose embedding / LM-head tensors have
     the output vocabulary's rows (`permute_rows`); the merge then runs on those,
     as mergekit runs its merge methods on ``PermutedVocabulary``'s outputs.
-    group(tensor_name) -> the models merged into that tensor (mergekit: the first
-    slice's sources for embeddings, the last slice's for the LM head), in order.
+    group(tensor_name) -> (the models merged into that tensor, its base model or
+    None): mergekit takes the first slice's sources and base for embeddings, the
+    last slice's for the LM head (plan.py ``plan_module``, config.py ``ConfigReader``).
     The last tensor's rows are cached for every model (the executor asks each
     model for the same tensor in turn).
     """
@@ -471,14 +472,15 @@ class VocabularyMerge:
         return name in src.index and vocabulary_axis(name, src.index[name].shape, self.model_vocab_size(ref)) == 0
 
     def rows(self, name: str, ref: str) -> torch.Tensor:
-        members = [m for m in self.group(name) if m in self.sources and self.is_vocabulary(m, name)]
+        group, base = self.group(name)
+        members = [m for m in group if m in self.sources and self.is_vocabulary(m, name)]
         if ref not in members:
             members.append(ref)
         key = (name, tuple(members))
         if self._cache is None or self._cache[0] != key:
             self._cache = None  # free the previous tensor's rows first
             out = permute_rows({m: self.sources[m].get(name) for m in members}, self.info.vocab,
-                               self.info.permutations, base_model=self.base, tokens=self.spec.tokens,
+                               self.info.permutations, base_model=base, tokens=self.spec.tokens,
                                original_vocabs=self.info.original_vocabs,
                                pad_to_multiple_of=self.spec.pad_to_multiple_of, name=name)
             self._cache = (key, out)
