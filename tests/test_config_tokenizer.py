@@ -194,6 +194,15 @@ def test_chat_template_without_a_tokenizer_block_lands_in_the_copied_tokenizer(t
     assert _template(_run(tmp_path, cfg)) == CHAT_TEMPLATES["alpaca"]
 
 
+def test_chat_template_without_any_tokenizer_written_warns(tmp_path):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"models:\n  - model: {GOLDENS}/inputs/base\n  - model: {GOLDENS}/inputs/ft1\n"
+                   "merge_method: linear\nparameters: {weight: 1}\nchat_template: chatml\n")
+    with pytest.warns(UserWarning, match="chat_template: no tokenizer is written"):
+        out = run_config(cfg, tmp_path / "out", progress=False, copy_tokenizer=False)
+    assert not (out / "tokenizer.json").exists() and not (out / "chat_template.jinja").exists()
+
+
 # ---------------------------------------------------------------- modules
 
 def test_default_module_is_the_models_config(tmp_path):

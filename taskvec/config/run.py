@@ -179,7 +179,7 @@ def _finish_folder(cfg: MergeConfig, plan: CompiledMerge, opened: Mapping[str, A
         (folder / f).unlink(missing_ok=True)
     where = str(cfg.path) if cfg.path else "config"
     template = None
-    if cfg.chat_template and (vocab is not None or copy_tokenizer):
+    if cfg.chat_template and (vocab is not None or copy_tokenizer or cfg.tokenizer_source):
         template = resolve_chat_template(cfg.chat_template, [opened[r].model_dir for r in cfg.referenced_models()],
                                          where)
     elif cfg.chat_template:
