@@ -233,13 +233,13 @@ def test_plain_state_dicts_without_config(tmp_path):
     # no config.json: module kinds from names (embed -> embedding), non-2-D kept as full weights from the base
     torch.manual_seed(0)
     base = {"embed.weight": torch.randn(10, 4), "proj.weight": torch.randn(6, 4), "proj.bias": torch.randn(6),
-            "norm.weight": torch.ones(4)}
+            "norm.weight": torch.ones(4), "scale": torch.ones(3)}
     ft = {k: v + 0.1 * torch.randn_like(v) for k, v in base.items()}
     tv = TaskVector.from_models(base, ft)
     export = tv.to_lora(tmp_path / "a", 2)
     kinds = dict(zip(export.report.tensor, export.report.kind))
     assert kinds == {"embed.weight": "lora_embedding", "proj.weight": "lora", "proj.bias": "dropped",
-                     "norm.weight": "full"}
+                     "norm.weight": "full", "scale": "dropped"}  # a top-level parameter has no module to save
 
 
 # ------------------------------------------------------------------ bad input

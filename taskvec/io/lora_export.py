@@ -17,17 +17,19 @@ GPT-2's Conv1D -> `fan_in_fan_out`. Without a config, names decide (`embed`, `wt
 
 Tied embeddings (lm_head.weight *is* the input embedding): one tensor, one adapter. Only the
 input embedding's factors are written, and the config sets `ensure_weight_tying` (target_modules
-then a regex that names lm_head too), with which PEFT (>= 0.18) gives lm_head the embedding's
+then a regex that names lm_head too), with which PEFT (0.21) gives lm_head the embedding's
 factors transposed — the tie holds, and the forward equals θ₀ + τ_k's (peft warns that lm_head's
 LoRA keys are missing from the file: they are the embedding's). mergekit's extract-lora writes two
-independent adapters there. A checkpoint that stores both
-tensors of a tied pair must carry equal deltas for them, else it is an error.
+independent adapters there. A checkpoint that stores both tensors of a tied pair must carry equal
+deltas for them, else it is an error.
 
 Tensors LoRA cannot express (biases, norms, any non-2-D delta): their module goes to
 `modules_to_save` as full weights θ₀ + τ (PEFT loads them; `from_lora` reads them back as
-deltas) — unless the module is itself a LoRA target (a Linear's bias) or `extras="drop"`, when
-they are dropped. Every tensor is a row of the report, with its share of ‖τ‖², so what was
-dropped is visible. The folder is written into a temporary directory and renamed into place.
+deltas) — unless the module is itself a LoRA target (a Linear's bias), is not a leaf module (a
+parameter held by a container: copying the container would copy its children) or `extras="drop"`,
+when they are dropped. Every tensor is a row of the report, with its share of ‖τ‖², so what was
+dropped is visible. Each delta is read once; the factors are held in memory until written (the
+adapter's size), into a temporary folder renamed into place at the end.
 """
 from __future__ import annotations
 
@@ -242,6 +244,7 @@ def export_lora(tv: "TaskVector", out_dir: str | os.PathLike, rank: int | None =
 
     saved: set[str] = set()
     done = set(matrices)
+    parents = {n.rpartition(".")[0] for n in kinds}  # modules_to_save copies a whole module: leaves only
     for key in tv.metas:
         if key in done:
             continue
@@ -249,7 +252,7 @@ def export_lora(tv: "TaskVector", out_dir: str | os.PathLike, rank: int | None =
         d = tv[key]
         if not bool(d.any()):
             row(key, module, "unchanged", d)
-        elif extras == "drop" or module in targets or b is None:
+        elif extras == "drop" or module in targets or b is None or not module or module in parents:
             row(key, module, "dropped", d, 0, 1.0, 0.0)
         else:
             tensors[f"{PEFT_PREFIX}{module}.{param}"] = (b.get(key).float() + d).to(b.index[key].dtype)
