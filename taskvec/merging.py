@@ -211,8 +211,9 @@ def merge(
 
     base, models: anything `taskvec.io.open_source` accepts (folder, file, hub id,
     state dict, nn.Module, Source). `base` may be None for methods that don't use
-    one (linear, fisher, regmean, slerp between two models); when given to those it
-    is only the template (dtype, config, non-float buffers).
+    one (linear, fisher, regmean, karcher, slerp/nuslerp/multislerp without a base);
+    given to linear, fisher, regmean or karcher it is only the template (dtype, config,
+    non-float buffers); slerp, nuslerp and multislerp use a given base (t = 0 end / origin).
     params: the method's parameters (see `taskvec.methods.get_method(method)`);
     each may be a scalar, a list with one entry per model (per-model parameters),
     or a callable f(tensor_name) -> value (per-layer schedules, name filters).
