@@ -247,6 +247,14 @@ def test_bad_tokenizer_blocks_name_the_key(tokenizer, match):
         parse_config({"merge_method": "linear", "models": ["a"], "tokenizer": tokenizer})
 
 
+def test_residual_weight_is_accepted_without_effect_as_in_mergekit():
+    with pytest.warns(UserWarning, match=r"slices\[0\]\.residual_weight: mergekit 0\.1\.5 parses"):
+        cfg = parse_config({"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": "a", "layer_range": [0, 2]}], "residual_weight": 0.5}]})
+    assert cfg.no_effect == {"slices[0].residual_weight": 0.5}
+    assert "never reads it" in cfg.no_effect_reasons()["slices[0].residual_weight"]
+
+
 def test_long_form_model_references():
     cfg = parse_config({"merge_method": "linear", "models": [{"model": {"model": {"path": "a"}, "lora": "l"}}]})
     assert cfg.models[0].model == "a+l"
