@@ -437,3 +437,24 @@ def test_yaml_base_model_rules(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(ParameterError, match="no parameter 'density'"):
         plan_config(_config("sce", [("ft1", None)], "base", {"select_topk": 0.5, "density": 0.5}))
+
+
+def test_yaml_sce_runs_with_mergekit_semantics(tmp_path):
+    """A YAML config means mergekit's SCE: on small task vectors (mean squares far below 1e-6) equal
+    coefficients, where the Python API's paper default weighs the larger fine-tune more."""
+    from taskvec.config import run_config
+    from taskvec.io import open_source
+    from tests.helpers import perturbed, save_model, tiny_llama
+
+    base = tiny_llama(layers=1)
+    paths = [save_model(m, tmp_path / n) for m, n in ((base, "base"), (perturbed(base, 1e-4, seed=1), "ft1"),
+                                                       (perturbed(base, 3e-4, seed=2), "ft2"))]
+    cfg = {"merge_method": "sce", "base_model": str(paths[0]), "dtype": "float32",
+           "models": [{"model": str(p)} for p in paths[1:]]}
+    out = open_source(run_config(cfg, tmp_path / "out", progress=False, copy_tokenizer=False))
+    srcs = [open_source(p) for p in paths]
+    k = "model.layers.0.mlp.up_proj.weight"
+    b, fts = srcs[0].get(k), [s.get(k) for s in srcs[1:]]
+    mk = merge("sce", b, fts, semantics="mergekit")
+    assert torch.equal(out.get(k), mk)
+    assert not torch.allclose(merge("sce", b, fts), mk, rtol=0, atol=1e-9)
