@@ -30,6 +30,7 @@ run this script after it).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -228,11 +229,16 @@ def run_mergekit(exe: str, config: Path, out: Path, cwd: Path) -> None:
         raise SystemExit(f"mergekit-yaml failed on {config.name}:\n{res.stderr[-3000:]}")
 
 
-def _sha256(path: Path) -> str:
+@functools.lru_cache(maxsize=1)
+def _make_goldens():
     spec = importlib.util.spec_from_file_location("make_goldens", REPO / "benchmarks" / "make_goldens.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod._sha256(path)
+    return mod
+
+
+def _sha256(path: Path) -> str:
+    return _make_goldens()._sha256(path)
 
 
 def main(argv: list[str] | None = None) -> int:
