@@ -147,6 +147,23 @@ parameters:
 tokenizer_source: union
 dtype: float32
 """,
+    # layer stacking: the embeddings are the first slice's model's, the head the last's, each re-indexed alone
+    # (a token that model lacks gets zeros: no other model is merged into that tensor); base_model names the
+    # tokenizer's base (without it mergekit picks one of the models from an unordered set)
+    "passthrough": """\
+slices:
+  - sources:
+      - model: inputs/ft2
+        layer_range: [0, 1]
+  - sources:
+      - model: inputs/ft1
+        layer_range: [1, 2]
+merge_method: passthrough
+base_model: inputs/ft2
+tokenizer:
+  source: union
+dtype: float32
+""",
     # another model's vocabulary
     "model_source": """\
 models:

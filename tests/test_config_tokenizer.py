@@ -63,7 +63,7 @@ def in_goldens(monkeypatch):
 
 # ---------------------------------------------------------------- goldens
 
-@pytest.mark.parametrize("name", ["union", "tokens", "base", "slices", "model_source"])
+@pytest.mark.parametrize("name", ["union", "tokens", "base", "slices", "passthrough", "model_source"])
 def test_vocabulary_and_rows_equal_mergekit(tmp_path, in_goldens, name):
     out = _run(tmp_path, GOLDENS / "configs" / f"{name}.yml")
     gold = GOLDENS / "outputs" / name
