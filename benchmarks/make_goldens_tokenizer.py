@@ -24,8 +24,8 @@ mergekit's union gives the tokens it adds ids in the iteration order of a Rust h
 (`get_vocab()`), which changes from run to run: the tests compare vocabularies and rows by
 token, not by id.
 
-Kept apart from tests/goldens/ (benchmarks/make_goldens.py replaces that folder as a whole:
-run this script after it).
+A folder of its own with its own MANIFEST.json: benchmarks/make_goldens.py, which rewrites
+tests/goldens/, moves it into its new folder untouched.
 """
 from __future__ import annotations
 
