@@ -53,8 +53,6 @@ from taskvec.io.writer import check_output_path, replace_dir, staging_dir
 if TYPE_CHECKING:
     import pandas as pd
 
-    from taskvec.vector import TaskVector
-
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 REPORT_FILE = "lora_report.csv"
 _EMBED_NAME = re.compile(r"(^|\.)(\w*embed\w*|wte|wpe|shared)$")
@@ -171,10 +169,11 @@ def factorize(mat: torch.Tensor, rank: int | None = None, energy: float | None =
     return (U * root).contiguous(), (root[:, None] * Vh).contiguous(), S
 
 
-def export_lora(tv: "TaskVector", out_dir: str | os.PathLike, rank: int | None = None, *, energy: float | None = None,
+def export_lora(tv: Any, out_dir: str | os.PathLike, rank: int | None = None, *, energy: float | None = None,
                 base: Any = None, extras: str = "full", dtype: torch.dtype = torch.float32,
                 overwrite: bool = False) -> LoraExport:
-    """Write `tv` as a PEFT LoRA adapter folder (see the module docstring); returns the folder and report."""
+    """Write the TaskVector `tv` as a PEFT LoRA adapter folder (see the module docstring); returns the folder and
+    report. (`tv` is duck-typed: importing taskvec.vector here would make the two modules import each other.)"""
     import pandas as pd
 
     from taskvec.io.sources import open_source
