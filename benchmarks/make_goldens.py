@@ -329,6 +329,24 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def publish(staging: Path, out: Path, manifest: dict) -> None:
+    """Write staging/MANIFEST.json (`manifest` + the SHA-256 of every file), then put staging in out's place.
+
+    Other generators' goldens nested in `out` (a folder with its own MANIFEST.json, e.g. tokenizer/ from
+    make_goldens_tokenizer.py) are not ours to rewrite: they move into the new folder untouched.
+    """
+    os.chmod(staging, 0o755)  # mkdtemp makes it private
+    files = sorted(p for p in staging.rglob("*") if p.is_file())
+    manifest = {**manifest, "sha256": {str(p.relative_to(staging)): _sha256(p) for p in files}}
+    (staging / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if out.exists():
+        for sub in sorted(out.iterdir()):
+            if sub.is_dir() and (sub / "MANIFEST.json").exists():
+                os.rename(sub, staging / sub.name)
+        shutil.rmtree(out)
+    os.rename(staging, out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mergekit-yaml", default=os.environ.get("TASKVEC_MERGEKIT_YAML", "/tmp/venv-bench/bin/mergekit-yaml"))
@@ -358,22 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(staging / "mergekit-out")
         (staging / "README.md").write_text("# mergekit 0.1.5 goldens\n\nWritten by `benchmarks/make_goldens.py`; do not "
                                            "edit by hand.\n" + __doc__.split("\n\n", 2)[2])
-        os.chmod(staging, 0o755)  # mkdtemp makes it private
-        files = sorted(p for p in staging.rglob("*") if p.is_file())
-        manifest = {
+        publish(staging, args.out, {
             "mergekit": version[0] if version else "?", "torch": version[1] if len(version) > 1 else "?",
-            "regenerate": "python benchmarks/make_goldens.py", "random_methods": list(RANDOM_METHODS),
-            "sha256": {str(p.relative_to(staging)): _sha256(p) for p in files},
-        }
-        (staging / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if args.out.exists():
-            # other generators' goldens nested here (a folder with its own MANIFEST.json, e.g. tokenizer/ from
-            # make_goldens_tokenizer.py) are not ours to rewrite: they move into the new folder untouched
-            for sub in sorted(args.out.iterdir()):
-                if sub.is_dir() and (sub / "MANIFEST.json").exists():
-                    os.rename(sub, staging / sub.name)
-            shutil.rmtree(args.out)
-        os.rename(staging, args.out)
+            "regenerate": "python benchmarks/make_goldens.py", "random_methods": list(RANDOM_METHODS)})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     total = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())

@@ -254,8 +254,6 @@ def _make_goldens():
     return mod
 
 
-def _sha256(path: Path) -> str:
-    return _make_goldens()._sha256(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,18 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         (staging / "README.md").write_text("# mergekit 0.1.5 tokenizer goldens\n\nWritten by "
                                            "`benchmarks/make_goldens_tokenizer.py`; do not edit by hand.\n\n"
                                            + __doc__.split("\n\n", 2)[2])
-        os.chmod(staging, 0o755)  # mkdtemp makes it private
-        files = sorted(p for p in staging.rglob("*") if p.is_file())
-        manifest = {
+        _make_goldens().publish(staging, args.out, {
             "mergekit": version[0] if version else "?", "torch": version[1] if len(version) > 1 else "?",
             "transformers": version[2] if len(version) > 2 else "?",
-            "regenerate": "python benchmarks/make_goldens_tokenizer.py",
-            "sha256": {str(p.relative_to(staging)): _sha256(p) for p in files},
-        }
-        (staging / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if args.out.exists():
-            shutil.rmtree(args.out)
-        os.rename(staging, args.out)
+            "regenerate": "python benchmarks/make_goldens_tokenizer.py"})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     total = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
