@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "zoo": ("taskvec.zoo.cli:main", "build / list the offline zoo of real fine-tuned models"),
     "demo": ("taskvec.demo:main", "run the headline experiments on the offline zoo and write figures"),
     "extract-lora": ("taskvec.cli:extract_lora", "export FINETUNED - BASE as a PEFT LoRA adapter (truncated SVD)"),
+    "lab": ("taskvec.lab_launcher:main", "open the notebooks in JupyterLab, or one as a Voila app (--voila)"),
 }
 
 USAGE = "usage: taskvec {" + ",".join(COMMANDS) + "} [options]\n\n" + "\n".join(
