@@ -471,6 +471,20 @@ class TaskVector(Mapping):
             raise
         return path
 
+    def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | None = None,
+                    revision: str | None = None, commit_message: str | None = None, evaluation: Any = None,
+                    endpoint: str | None = None):
+        """Upload the vector (as `save` writes it, `task_vector.safetensors`) and a model card (base,
+        expression, norm, provenance, optional `evaluation` metrics) to the Hub repo `repo_id`.
+
+        Token: `token`, else HF_TOKEN, else `hf auth login`'s. Returns a `PushResult` (repo and
+        commit URLs). Details and errors: `taskvec.io.publish.push_task_vector`.
+        """
+        from taskvec.io.publish import push_task_vector
+
+        return push_task_vector(self, repo_id, private=private, token=token, revision=revision,
+                                commit_message=commit_message, evaluation=evaluation, endpoint=endpoint)
+
     # ---------------------------------------------------------------- display
     def _summary(self) -> dict[str, str]:
         n = self.num_parameters

@@ -31,17 +31,56 @@ def _build_parser():
     p.add_argument("--no-progress", "--quiet", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--dry-run", action="store_true",
                    help="check the config and models, print the plan (per-layer parameter values), write nothing")
+    hub = p.add_argument_group("publishing", "upload the merged folder (with its model card) to the Hugging Face "
+                               "Hub after the merge; token from HF_TOKEN or `hf auth login`")
+    hub.add_argument("--push-to-hub", metavar="REPO", help="Hub repo id (namespace/name) to upload the merge to")
+    hub.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)")
+    hub.add_argument("--revision", help="branch to push to (created when missing; default main)")
+    hub.add_argument("--commit-message", help="commit message of the upload")
+    hub.add_argument("--evaluation", metavar="FILE",
+                     help="metrics of the merged model for the model card (Evaluation table + model-index): "
+                          "a JSON object {metric: value} or {task: {metric: value}}, or a CSV table")
     for flag in ("--allow-crimes", "--lazy-unpickle", "--low-cpu-memory", "--trust-remote-code",
                  "--safe-serialization", "--write-model-card"):
         p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)  # mergekit muscle memory: no effect
     return p
 
 
+def _read_evaluation(path: str):
+    """The metrics in an --evaluation file: JSON (an object) or CSV (a table)."""
+    import json
+
+    from taskvec.errors import ParameterError
+
+    try:
+        if path.lower().endswith(".csv"):
+            import pandas as pd
+
+            return pd.read_csv(path)
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ParameterError(f"--evaluation {path}: cannot read it ({e})") from None
+    if not isinstance(data, dict):
+        raise ParameterError(f"--evaluation {path}: expected a JSON object {{metric: value}} or {{task: {{metric: value}}}}")
+    return data
+
+
 def cli_main(argv: list[str]) -> int:
     """`taskvec merge CONFIG OUT [options]`: 0 on success, 1 on a clear error, 2 on bad usage."""
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
     device = "cuda" if args.cuda and args.device == "cpu" else args.device
+    if not args.push_to_hub and (args.private or args.revision or args.commit_message):
+        parser.error("--private, --revision and --commit-message need --push-to-hub REPO")
+    evaluation = None
     try:
+        if args.evaluation:
+            evaluation = _read_evaluation(args.evaluation)
+        if args.push_to_hub and not args.dry_run:
+            from taskvec.io.publish import resolve_token
+
+            resolve_token()  # no token: say so before a long merge, with nothing written
         if args.dry_run:
             from taskvec.config.parse import parse_config
             from taskvec.config.plan import open_models
@@ -55,8 +94,23 @@ def cli_main(argv: list[str]) -> int:
             return 0
         out = run_config(args.config, args.out, device=device, out_shard_size=args.out_shard_size,
                          copy_tokenizer=args.copy_tokenizer, seed=args.seed, progress=args.progress)
+        if evaluation is not None:
+            from taskvec.config.parse import parse_config
+            from taskvec.model_card import write_model_card
+
+            write_model_card(out, parse_config(args.config), evaluation=evaluation)
     except TaskVecError as e:
         print(f"taskvec merge: error: {e}", file=sys.stderr)
         return 1
     print(f"merged into {out}")
+    if args.push_to_hub:
+        from taskvec.io.publish import push_folder
+
+        try:
+            result = push_folder(out, args.push_to_hub, private=args.private, revision=args.revision,
+                                 commit_message=args.commit_message)
+        except TaskVecError as e:
+            print(f"taskvec merge: the merge succeeded but the push failed: {e}", file=sys.stderr)
+            return 1
+        print(f"pushed to {result.repo_url} ({result.commit_url})")
     return 0
