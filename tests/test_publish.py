@@ -330,3 +330,12 @@ def test_offline_mode_and_bad_token_are_named(online, models, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(PublishError, match="HF_HUB_OFFLINE"):
         tau.push_to_hub("me/tau")
+
+
+def test_bad_repo_id_fails_before_the_merge(online, config, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert main(["merge", str(config), str(out), "--push-to-hub", "me/two/slashes"]) == 1
+    assert "repo id 'me/two/slashes'" in capsys.readouterr().err
+    assert main(["merge", str(config), str(out), "--push-to-hub", "me/bad name"]) == 1
+    assert "repo id 'me/bad name'" in capsys.readouterr().err
+    assert not out.exists() and online.requests == []

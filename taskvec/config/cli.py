@@ -78,9 +78,10 @@ def cli_main(argv: list[str]) -> int:
         if args.evaluation:
             evaluation = _read_evaluation(args.evaluation)
         if args.push_to_hub and not args.dry_run:
-            from taskvec.io.publish import resolve_token
+            from taskvec.io.publish import check_repo_id, resolve_token
 
-            resolve_token()  # no token: say so before a long merge, with nothing written
+            check_repo_id(args.push_to_hub)  # a bad repo id or no token: say so before a long merge, writing nothing
+            resolve_token()
         if args.dry_run:
             from taskvec.config.parse import parse_config
             from taskvec.config.plan import open_models

@@ -115,6 +115,10 @@ def _hub_errors(endpoint: str, repo_id: str, retry: str) -> Iterator[None]:
         else:
             why = f"the Hub answered an error: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         raise PublishError(f"push to {repo_id!r} at {endpoint} failed: {why}; {retry}") from e
+    except TaskVecError:
+        raise
+    except ValueError as e:  # huggingface_hub's own checks, e.g. "Invalid metadata in README.md"
+        raise PublishError(f"push to {repo_id!r} at {endpoint} failed: {e}; {retry}") from e
     except _transport_errors() as e:
         raise PublishError(f"could not reach the Hugging Face Hub at {_failed_url(e, endpoint)} "
                            f"({type(e).__name__}: {e}); check the network (or HF_ENDPOINT) and {retry}") from e
@@ -169,11 +173,24 @@ def _version() -> str:
     return __version__
 
 
-def _check_repo_id(repo_id: str) -> None:
+def check_repo_id(repo_id: str) -> None:
+    """A ParameterError unless `repo_id` is a valid Hub model repo id ('name' or 'namespace/name')."""
     from taskvec.errors import ParameterError
 
-    if not isinstance(repo_id, str) or not repo_id.strip() or repo_id.count("/") > 1 or repo_id.startswith(("/", ".")):
-        raise ParameterError(f"repo_id: expected 'name' or 'namespace/name', got {repo_id!r}")
+    problem = None
+    if not isinstance(repo_id, str) or not repo_id.strip() or repo_id.count("/") > 1:
+        problem = "expected 'name' or 'namespace/name'"
+    else:
+        try:
+            from huggingface_hub.utils import validate_repo_id
+
+            validate_repo_id(repo_id)
+        except ImportError:
+            pass
+        except ValueError as e:  # HFValidationError
+            problem = str(e).splitlines()[0]
+    if problem:
+        raise ParameterError(f"repo id {repo_id!r}: {problem}")
 
 
 def retry_hint(folder: str | os.PathLike, repo_id: str, *, private: bool = False) -> str:
@@ -195,7 +212,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
     `model-index`; the local folder is not modified. Returns a `PushResult` (repo and commit URLs).
     """
     folder = Path(folder).expanduser().absolute()
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     if not folder.is_dir():
         raise PublishError(f"{folder}: not a folder; nothing to push")
     token = resolve_token(token)
@@ -236,7 +253,7 @@ def push_task_vector(vector: Any, repo_id: str, *, private: bool = False, token:
     """
     from taskvec.model_card import render_vector_card
 
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     token = resolve_token(token)
     endpoint = resolve_endpoint(endpoint)
     message = commit_message or f"Upload task vector with taskvec {_version()}"
