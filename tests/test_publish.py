@@ -339,3 +339,21 @@ def test_bad_repo_id_fails_before_the_merge(online, config, tmp_path, capsys):
     assert main(["merge", str(config), str(out), "--push-to-hub", "me/bad name"]) == 1
     assert "repo id 'me/bad name'" in capsys.readouterr().err
     assert not out.exists() and online.requests == []
+
+
+def test_evaluation_forms_and_a_bad_one():
+    import pandas as pd
+
+    from taskvec.errors import ParameterError
+    from taskvec.model_card import evaluation_section
+
+    md, index = evaluation_section({"accuracy": 0.93, "note": "a|b"}, name="m")
+    assert "| metric | value |" in md and "| accuracy | 0.93 |" in md and "a\\|b" in md
+    assert index[0]["results"][0]["metrics"] == [{"type": "accuracy", "value": 0.93, "name": "accuracy"}]
+    per_task = pd.DataFrame({"accuracy": [0.9, 0.8]}, index=pd.Index(["sentiment", "language"], name="task"))
+    md, index = evaluation_section(per_task, name="m")
+    assert "| task | accuracy |" in md and "| language | 0.8 |" in md
+    assert [r["dataset"]["name"] for r in index[0]["results"]] == ["sentiment", "language"]
+    assert evaluation_section(None, name="m") == ("", None)
+    with pytest.raises(ParameterError, match="evaluation: expected"):
+        evaluation_section([0.9], name="m")
