@@ -13,6 +13,7 @@ as they change.
 from __future__ import annotations
 
 import html
+import json
 import re
 from pathlib import Path
 
@@ -111,27 +112,50 @@ def gallery_markdown() -> str:
         "The figures that notebooks 00–07 write in **full mode** (the full zoo, whole test splits), as",
         "committed under `figures/notebooks/`, with the captions of `figures/README.md`. The notebooks",
         "themselves are rendered on this site without outputs, as they are committed; run them in Jupyter",
-        "(or headless with `TASKVEC_FAST=1`) to see the widgets and tables.",
+        "(or headless with `TASKVEC_FAST=1`) to see the widgets and tables. Click a figure for full size.",
         "",
     ]
     for stem, rows in gallery_sections():
         nb = ROOT / "notebooks" / f"{stem}.ipynb"
-        out.append(f"## {stem}")
+        out.append(f"## {notebook_title(nb) or stem}")
         out.append("")
         if nb.exists():
-            out.append(f"[Open the notebook]({'notebooks/' + stem + '.ipynb'}) · `notebooks/{stem}.ipynb`")
+            out.append(f"[The notebook]({'notebooks/' + stem + '.ipynb'}) (`notebooks/{stem}.ipynb`), rendered without outputs.")
             out.append("")
+        out.append('<div class="tv-gallery" markdown>')
+        out.append("")
         for png, caption in rows:
             if not (ROOT / "figures" / "notebooks" / png).exists():
                 out.append(f"- `{png}` (not committed): {caption}")
                 continue
-            out.append("<figure markdown>")
-            out.append(f"![{_alt(caption)}](figures/notebooks/{png}){{ loading=lazy }}")
+            out.append('<figure class="tv-wide" markdown>' if _is_wide(ROOT / "figures" / "notebooks" / png)
+                       else "<figure markdown>")
+            out.append(f"[![{_alt(caption)}](figures/notebooks/{png}){{ loading=lazy }}](figures/notebooks/{png})")
             out.append(f"<figcaption><code>{png}</code>: {_caption_html(caption)}</figcaption>")
             out.append("</figure>")
             out.append("")
+        out.append("</div>")
         out.append("")
     return "\n".join(out)
+
+
+def notebook_title(path: Path) -> str | None:
+    """The notebook's first Markdown heading (its title), or None."""
+    if not path.exists():
+        return None
+    for cell in json.loads(path.read_text(encoding="utf-8"))["cells"]:
+        if cell["cell_type"] == "markdown":
+            m = re.match(r"#\s+(.+)", "".join(cell["source"]).strip())
+            return m.group(1).strip() if m else None
+    return None
+
+
+def _is_wide(png: Path) -> bool:
+    """A multi-panel figure (wide, or large), which gets a whole gallery row; size from the PNG header."""
+    with png.open("rb") as f:
+        head = f.read(24)[16:24]
+    width, height = int.from_bytes(head[:4], "big"), int.from_bytes(head[4:], "big")
+    return width / max(height, 1) > 2.2 or width >= 1600
 
 
 def _alt(caption: str) -> str:
