@@ -17,6 +17,7 @@ import json
 import re
 from pathlib import Path
 
+from markdown.extensions.toc import slugify
 from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File, Files
 
@@ -50,6 +51,25 @@ def on_files(files: Files, config) -> Files:
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
     return _README_CALL.sub(lambda m: readme_section(m.group(1)), markdown)
+
+
+def on_page_content(html_text: str, page, config, files) -> str:
+    """A notebook page says it is shown without outputs and links to its figures in the gallery."""
+    src = page.file.src_uri
+    if not (src.startswith("notebooks/") and src.endswith(".ipynb")):
+        return html_text
+    stem = Path(src).stem
+    rows = dict(gallery_sections()).get(stem, [])
+    gallery = files.get_file_from_path("gallery.md")
+    title = notebook_title(ROOT / src) or stem
+    where = (f'its {len(rows)} full-mode figures are in the <a href="{gallery.url_relative_to(page.file)}#'
+             f'{slugify(title, "-")}">gallery</a>' if rows and gallery else "run it to see its figures")
+    note = ('<div class="admonition note"><p class="admonition-title">Shown as committed: without outputs</p>'
+            f"<p>The notebook is rendered without running it; {where}. Open it in Jupyter (or "
+            f"<code>TASKVEC_FAST=1</code> headless) for the widgets, tables and the asserted claims. "
+            f'Download: <a href="{Path(src).name}"><code>{Path(src).name}</code></a>.</p></div>')
+    end = html_text.find("</h1>")
+    return html_text[: end + 5] + note + html_text[end + 5:] if end >= 0 else note + html_text
 
 
 # ---------------------------------------------------------------------------------------------- README
