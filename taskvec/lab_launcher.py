@@ -134,8 +134,13 @@ def check_packages(app: str) -> None:
 
 def build_command(args: argparse.Namespace, extra: list[str] | None = None) -> LabCommand:
     """The server command for parsed `taskvec lab` arguments (checks packages and paths; starts nothing)."""
-    nb_dir = find_notebooks_dir(args.notebooks)
-    notebook = resolve_notebook(args.notebook, nb_dir) if args.notebook else None
+    given = Path(args.notebook).expanduser() if args.notebook else None
+    if given is not None and given.suffix == ".ipynb" and given.is_file() and args.notebooks is None:
+        notebook = given.resolve()     # a notebook path needs no notebooks folder (an installed wheel has none)
+        nb_dir = notebook.parent
+    else:
+        nb_dir = find_notebooks_dir(args.notebooks)
+        notebook = resolve_notebook(args.notebook, nb_dir) if args.notebook else None
     env: dict[str, str] = {}
     if args.fast:
         env["TASKVEC_FAST"] = "1"
@@ -158,6 +163,8 @@ def build_command(args: argparse.Namespace, extra: list[str] | None = None) -> L
             argv.append(f"--ServerApp.port={args.port}")
         if args.no_browser:
             argv.append("--no-browser")
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            argv.append("--allow-root")   # containers often run as root; Jupyter refuses to start without it
         if notebook is not None:
             argv.append(str(notebook.relative_to(nb_dir)) if notebook.is_relative_to(nb_dir) else str(notebook))
         cwd = nb_dir

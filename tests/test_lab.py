@@ -73,8 +73,9 @@ def test_lab_dry_run_opens_the_notebooks_folder(installed, capsys):
                        capsys)
     assert code == 0
     line = out.strip().splitlines()[-1]
+    root = " --allow-root" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""   # Jupyter refuses root (containers) without it
     assert line == (f"{sys.executable} -m jupyterlab --ServerApp.root_dir={REPO_NOTEBOOKS} --ServerApp.ip=127.0.0.1 "
-                    "--ServerApp.port=9000 00_model_merging_tour.ipynb --ServerApp.token=x")
+                    f"--ServerApp.port=9000{root} 00_model_merging_tour.ipynb --ServerApp.token=x")
 
 
 def test_falls_back_to_jupyter_notebook_and_classic_asks_for_it(installed, capsys):
@@ -137,6 +138,8 @@ def test_an_installed_package_without_notebooks_says_so_and_takes_a_folder(insta
     (mine / "01_task_arithmetic.ipynb").write_text("{}")
     code, out, _ = run(["--voila", "01", "--notebooks", str(mine), "--dry-run"], capsys)
     assert code == 0 and str(mine / "01_task_arithmetic.ipynb") in out
+    code, out, _ = run(["--voila", str(mine / "01_task_arithmetic.ipynb"), "--dry-run"], capsys)  # a path: no folder needed
+    assert code == 0 and f"-m voila {mine / '01_task_arithmetic.ipynb'}" in out
     monkeypatch.setenv("TASKVEC_NOTEBOOKS", str(mine))
     code, out, _ = run(["--dry-run"], capsys)
     assert code == 0 and f"--ServerApp.root_dir={mine}" in out
@@ -197,3 +200,41 @@ def test_lab_help_does_not_import_torch():
             "try: main(['lab', '--help'])\nexcept SystemExit: pass\n"
             "assert 'torch' not in sys.modules, 'taskvec lab --help imported torch'")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=60)
+
+
+@pytest.mark.skipif(not (lab_launcher.have("jupyterlab") and lab_launcher.have("ipykernel")),
+                    reason="needs the ui extra (jupyterlab): pip install -e '.[ui]'")
+def test_jupyterlab_really_starts_with_this_pythons_kernel(tmp_path):
+    """Start `taskvec lab` for real (about 10 s), ask the server which python3 kernel it has, stop it."""
+    import signal
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "lab.log"
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "taskvec.cli", "lab", "04", "--fast", "--no-browser",
+                                   "--port", str(port), "--", "--IdentityProvider.token=t"],
+                                  stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                specs = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/kernelspecs?token=t", timeout=5))
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.5)
+        spec = specs["kernelspecs"]["python3"]["spec"]
+        assert spec["argv"][0] == sys.executable and spec["display_name"] == "Python 3 (taskvec)"
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/lab/tree/04_dare.ipynb?token=t", timeout=30)
+        assert page.status == 200
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
