@@ -46,6 +46,24 @@ def test_interact_with_widgets_rerenders_on_value_change():
     assert seen[-1] == pytest.approx(0.8) and view.last == pytest.approx(0.8)
 
 
+def test_a_raising_callback_is_not_swallowed_and_keeps_the_last_result():
+    # the slider's observer re-raises (tests and kernels see it) after printing the traceback into the widget's
+    # output, which is all a front-end user sees (tests/test_browser.py drives that in a real browser)
+    pytest.importorskip("ipywidgets")
+
+    def view_fn(x):
+        if x > 0.5:
+            raise RuntimeError(f"x = {x} is too large")
+        return x
+
+    view = interact(view_fn, Control("x", 0.5, 0.0, 1.0, 0.1), static=False)
+    with pytest.raises(RuntimeError, match="too large"):
+        view.update(x=0.9)
+    assert view.last == 0.5
+    view.update(x=0.2)
+    assert view.last == pytest.approx(0.2)
+
+
 def test_environment_switches(monkeypatch, tmp_path):
     monkeypatch.setenv("TASKVEC_FAST", "1")
     assert fast_mode()

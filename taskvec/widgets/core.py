@@ -116,7 +116,18 @@ class View:
     def _render(self, *_):
         from IPython.display import display
 
-        result = self.fn(**self.params)
+        try:
+            result = self.fn(**self.params)
+        except Exception:
+            if self.output is not None:
+                # in a front-end a raising callback otherwise shows nothing at all: ipywidgets sends the error as
+                # a kernel message no output area displays, and the figure just stops updating
+                import traceback
+
+                self.output.clear_output(wait=True)
+                with self.output:
+                    traceback.print_exc()
+            raise
         self.last = result
         if self.output is not None:
             self.output.clear_output(wait=True)
