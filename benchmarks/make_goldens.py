@@ -347,17 +347,24 @@ def publish(staging: Path, out: Path, manifest: dict) -> None:
     os.rename(staging, out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_cli(argv: list[str] | None, doc: str, default_out: Path, packages: tuple[str, ...]):
+    """(args, versions): --mergekit-yaml / --out, and the versions of `packages` in mergekit's venv."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--mergekit-yaml", default=os.environ.get("TASKVEC_MERGEKIT_YAML", "/tmp/venv-bench/bin/mergekit-yaml"))
-    ap.add_argument("--out", type=Path, default=GOLDENS)
+    ap.add_argument("--out", type=Path, default=default_out)
     args = ap.parse_args(argv)
     exe = args.mergekit_yaml
     if not Path(exe).exists():
         raise SystemExit(f"{exe}: no mergekit-yaml there; run benchmarks/setup_bench_venv.sh first")
-    version = subprocess.run([str(Path(exe).with_name("python")), "-c",
-                              "import importlib.metadata as m; print(m.version('mergekit'), m.version('torch'))"],
+    code = "import importlib.metadata as m; print(" + ", ".join(f"m.version({p!r})" for p in packages) + ")"
+    version = subprocess.run([str(Path(exe).with_name("python")), "-c", code],
                              capture_output=True, text=True).stdout.split()
+    return args, version
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, version = parse_cli(argv, __doc__, GOLDENS, ("mergekit", "torch"))
+    exe = args.mergekit_yaml
     staging = Path(tempfile.mkdtemp(prefix=".goldens-", dir=args.out.parent))
     try:
         write_inputs(staging / "inputs")

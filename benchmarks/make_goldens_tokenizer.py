@@ -29,7 +29,6 @@ tests/goldens/, moves it into its new folder untouched.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib.util
 import json
@@ -254,19 +253,9 @@ def _make_goldens():
     return mod
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mergekit-yaml", default=os.environ.get("TASKVEC_MERGEKIT_YAML", "/tmp/venv-bench/bin/mergekit-yaml"))
-    ap.add_argument("--out", type=Path, default=GOLDENS)
-    args = ap.parse_args(argv)
+    args, version = _make_goldens().parse_cli(argv, __doc__, GOLDENS, ("mergekit", "torch", "transformers"))
     exe = args.mergekit_yaml
-    if not Path(exe).exists():
-        raise SystemExit(f"{exe}: no mergekit-yaml there; run benchmarks/setup_bench_venv.sh first")
-    version = subprocess.run([str(Path(exe).with_name("python")), "-c",
-                              "import importlib.metadata as m; print(m.version('mergekit'), m.version('torch'), "
-                              "m.version('transformers'))"], capture_output=True, text=True).stdout.split()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".goldens-tokenizer-", dir=args.out.parent))
     try:
