@@ -10,6 +10,9 @@ _LAZY = {
     "open_source": "taskvec.io",
     "ShardedWriter": "taskvec.io",
     "merge": "taskvec.merging",  # module name differs so the submodule never shadows the function
+    "adamerging": "taskvec.methods.adamerging",
+    "sweep": "taskvec.sweeping",  # likewise: the package is `sweeping`, the function `sweep`
+    "search": "taskvec.sweeping",
 }
 
 

@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("taskvec.demo:main", "run the headline experiments on the offline zoo and write figures"),
     "extract-lora": ("taskvec.cli:extract_lora", "export FINETUNED - BASE as a PEFT LoRA adapter (truncated SVD)"),
     "lab": ("taskvec.lab_launcher:main", "open the notebooks in JupyterLab, or one as a Voila app (--voila)"),
+    "sweep": ("taskvec.sweeping.cli:main", "evaluate a grid of merges (mergekit YAML + grid:) on processes, Ray or Dask"),
 }
 
 USAGE = "usage: taskvec {" + ",".join(COMMANDS) + "} [options]\n\n" + "\n".join(

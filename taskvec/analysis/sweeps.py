@@ -242,9 +242,10 @@ def merge_sweep(
 
     Each merged state dict goes to `eval_fn` (if given). `weight_stats` adds
     ||theta_merged - theta_base|| and the cosine between the merged delta and each
-    model's task vector (how much of each task survives the merge).
+    model's task vector (how much of each task survives the merge). Runs on the
+    sweep engine (`taskvec.sweep`), in this process, with the merges in memory.
     """
-    from taskvec.merging import merge
+    from taskvec.sweeping import sweep
 
     values = [float(v) for v in values]
     if not values:
@@ -252,26 +253,44 @@ def merge_sweep(
     if param in params:
         raise ParameterError(f"{param} is the swept parameter; don't also pass it as a fixed parameter")
     src = _open_base(base)
-    tvs = None
+    tvs = tv_names = None
     if weight_stats:
         from taskvec.vector import TaskVector
 
         labels = [os.path.basename(str(m).rstrip("/")) if isinstance(m, (str, os.PathLike)) else f"model {i + 1}"
                   for i, m in enumerate(models)]
         tvs, tv_names = named_task_vectors([TaskVector.from_models(src, m) for m in models], labels)
-    rows = []
-    for v in progress(values, desc=f"{method} sweep over {param}", total=len(values)):
-        merged = merge(src, list(models), method=method, **{param: v}, **params)
-        row: dict[str, Any] = {param: v}
-        if weight_stats:
-            row.update(_merged_delta_stats(src, merged, tvs, tv_names))
-        if eval_fn is not None:
-            row.update(_metrics(eval_fn, merged, f"{param}={v}"))
-        rows.append(row)
-        del merged
-    data = pd.DataFrame(rows)
+    merge_options = {k: params.pop(k) for k in _MERGE_OPTIONS if k in params}
+    evaluate = _PointEvaluator(src, tvs, tv_names, eval_fn, param)
+    result = sweep(src, list(models), {param: values}, evaluate, method=method, executor="serial",
+                   materialize="state_dict", merge_options=merge_options, desc=f"{method} sweep over {param}",
+                   **params)
+    data = result.data[[param, *result.metrics]].reset_index(drop=True)
     metric_names = [c for c in data.columns if c != param and not c.startswith(("merged_norm", "cos_merged_to_"))]
     return Sweep(data=data, x=param, title=title or f"{method} sweep over {param}", metrics=metric_names)
+
+
+# keyword arguments of `taskvec.merge` itself (not of the method) that merge_sweep passes through
+_MERGE_OPTIONS = ("dtype", "device", "seed", "align_vocab")
+
+
+@dataclass(eq=False)
+class _PointEvaluator:
+    """One sweep point's row: the merged delta's statistics, then the callback's metrics."""
+
+    src: Any
+    tvs: Any
+    names: Any
+    eval_fn: EvalFn | None
+    param: str
+
+    def __call__(self, merged: dict[str, torch.Tensor]) -> dict[str, Any]:
+        row: dict[str, Any] = {}
+        if self.tvs is not None:
+            row.update(_merged_delta_stats(self.src, merged, self.tvs, self.names))
+        if self.eval_fn is not None:
+            row.update(_metrics(self.eval_fn, merged, f"{self.param} sweep"))
+        return row
 
 
 def _merged_delta_stats(src, merged: dict[str, torch.Tensor], tvs, names) -> dict[str, float]:
