@@ -13,6 +13,9 @@ held back and used as y in empirical mode), or (inputs, labels) pairs. The model
 [B, C] (classification) or [B, T, V] (language model: log p(y|x) sums over positions, with the
 attention mask when given, and the label at position t is the next token for causal LMs when labels
 are the input ids shifted by the caller).
+
+AdaMerging (Yang et al., ICLR 2024) needs no labels at all: its statistic is the Shannon entropy of the
+merged model's predictions on unlabeled inputs (`prediction_entropy`), minimised over merging coefficients.
 """
 from __future__ import annotations
 
@@ -65,6 +68,16 @@ def example_log_likelihood(logits: torch.Tensor, mode: str, labels: torch.Tensor
         valid = valid & mask.reshape(valid.shape).bool()
     picked = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (picked * valid).sum()
+
+
+def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """AdaMerging's objective: mean over the batch of H(p) = -sum_c p_c log p_c, p = softmax(logits), in nats.
+
+    Computed from log_softmax (no log(0) when a class gets probability ~0); differentiable in the logits."""
+    if logits.dim() < 2 or logits.shape[-1] < 1:
+        raise ParameterError(f"logits must be [batch, classes], got shape {tuple(logits.shape)}")
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1).mean()
 
 
 def fisher_diagonal(model: nn.Module, data: Iterable, n_samples: int, mode: str = "sampled", *,
