@@ -11,7 +11,6 @@ _LAZY = {
     "ShardedWriter": "taskvec.io",
     "merge": "taskvec.merging",  # module name differs so the submodule never shadows the function
     "adamerging": "taskvec.methods.adamerging",
-    "adamerging": "taskvec.methods.adamerging",
     "sweep": "taskvec.sweeping",  # likewise: the package is `sweeping`, the function `sweep`
     "search": "taskvec.sweeping",
 }
