@@ -279,7 +279,7 @@ def merge(
         if k in tied:
             return _TIED  # merged once, under its first name
         if raw:
-            b = base_src.get(k) if use_base else None
+            b = base_src.get(k) if use_base and base_src is not None else None
             ts = [s.get(k) for s in model_srcs]
             for t in [b, *ts] if b is not None else ts:
                 fused.warm_pages(t)  # the page reads happen here, in the loader thread

@@ -160,13 +160,45 @@ if AVAILABLE:
         return d * np.float32(_abs_bits(d) >= thresholds[j])
 
     @njit(inline="always", cache=True)
-    def _sparse_delta(models, j, i, shift, b, thresholds, uniforms, drops, scales, dare):
+    def _draw(key, i):
+        """Entry i's 24-bit DARE draw: output i of SplitMix64 started at `key`, top 24 bits (see dare.py)."""
+        z = key + (np.uint64(i) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return (z ^ (z >> np.uint64(31))) >> np.uint64(40)
+
+    @njit(inline="always", cache=True)
+    def _sparse_delta(models, j, i, shift, b, thresholds, keys, drops, scales, dare):
         """Model j's sparsified delta at entry i: DARE's drop-and-rescale (`dare`, a compile-time
-        constant) from the uniforms torch drew for it, else the magnitude trim."""
+        constant) from the counter-based draw of (key, i), computed here (no stored uniforms),
+        else the magnitude trim. A product, not a select: a dropped negative entry is -0.0, as in dare_drop."""
         if dare:
             d = _load(models[j], i, shift) - b
-            return d * (np.float32(uniforms[j][i] >= drops[j]) * scales[j])
+            return d * (np.float32(_draw(keys[j], i) >= drops[j]) * scales[j])
         return _trimmed(models, j, i, shift, b, thresholds)
+
+    @njit(parallel=True, cache=True)
+    def _dare_l1_bins(base, models, shift, keys, drops, nblk):
+        """Per model, the exact L1 sums of delta and of its DARE survivors as per-exponent mantissa sums
+        (`dare.l1_bins`): integers, so the per-thread split does not change them."""
+        n_el = base.shape[0]
+        n_mod = len(models)
+        bins = np.zeros((nblk, n_mod, 2, 254), np.int64)
+        step = (n_el + nblk - 1) // nblk
+        for blk in prange(nblk):
+            lo = blk * step
+            hi = min(n_el, lo + step)
+            for i in range(lo, hi):
+                b = _load(base, i, shift)
+                for j in range(n_mod):
+                    bits = _abs_bits(_load(models[j], i, shift) - b)
+                    e = bits >> np.uint32(23)
+                    m = np.int64((bits & np.uint32(0x7FFFFF)) | (np.uint32(e > 0) << np.uint32(23)))
+                    s = max(np.int64(e) - 1, 0)
+                    bins[blk, j, 0, s] += m
+                    if _draw(keys[j], i) >= drops[j]:
+                        bins[blk, j, 1, s] += m
+        return bins.sum(axis=0)
 
     @njit(inline="always", cache=True)
     def _store(out, i, r, out_bf16):
@@ -185,7 +217,7 @@ if AVAILABLE:
         the same reason (one kernel switching on the rule ran 2-3x slower)."""
 
         @njit(parallel=True, cache=True)
-        def _combine_sum(base, models, shift, thresholds, uniforms, drops, scales, weights, total, lam, normalize, out,
+        def _combine_sum(base, models, shift, thresholds, keys, drops, scales, weights, total, lam, normalize, out,
                          nblk):
             """Plain weighted sum of (trimmed) deltas: task arithmetic, or TIES without election."""
             n_el = base.shape[0]
@@ -198,13 +230,13 @@ if AVAILABLE:
                     b = _load(base, i, shift)
                     num = np.float32(0.0)
                     for j in range(n_mod):
-                        d = _sparse_delta(models, j, i, shift, b, thresholds, uniforms, drops, scales, dare)
+                        d = _sparse_delta(models, j, i, shift, b, thresholds, keys, drops, scales, dare)
                         num += d * weights[j]
                     merged = num / total if normalize else num
                     _store(out, i, merged * lam + b, out_bf16)
 
         @njit(parallel=True, cache=True)
-        def _combine_paper(base, models, shift, thresholds, uniforms, drops, scales, weights, lam, count_vote, normalize,
+        def _combine_paper(base, models, shift, thresholds, keys, drops, scales, weights, lam, count_vote, normalize,
                            out, nblk):
             """Paper TIES: unweighted election, weights scale agreeing deltas, mean over |A|.
             Trimmed deltas are recomputed in the second loop: a reload is cheaper than a spill."""
@@ -220,13 +252,13 @@ if AVAILABLE:
                     b = _load(base, i, shift)
                     vote = zero
                     for j in range(n_mod):
-                        d = _sparse_delta(models, j, i, shift, b, thresholds, uniforms, drops, scales, dare)
+                        d = _sparse_delta(models, j, i, shift, b, thresholds, keys, drops, scales, dare)
                         vote += _sign(d) if count_vote else d
                     g = _sign(vote)
                     num = zero
                     div = zero
                     for j in range(n_mod):
-                        d = _sparse_delta(models, j, i, shift, b, thresholds, uniforms, drops, scales, dare)
+                        d = _sparse_delta(models, j, i, shift, b, thresholds, keys, drops, scales, dare)
                         agree = np.float32(_sign(d) * g > zero)  # same non-zero sign as the elected one
                         num += d * weights[j] * agree
                         div += agree
@@ -234,7 +266,7 @@ if AVAILABLE:
                     _store(out, i, merged * lam + b, out_bf16)
 
         @njit(parallel=True, cache=True)
-        def _combine_mergekit(base, models, shift, thresholds, uniforms, drops, scales, weights, lam, count_vote,
+        def _combine_mergekit(base, models, shift, thresholds, keys, drops, scales, weights, lam, count_vote,
                               normalize, out, nblk):
             """mergekit TIES: weighted election (a zero vote elects +), divide by the agreeing weight."""
             n_el = base.shape[0]
@@ -249,14 +281,14 @@ if AVAILABLE:
                     b = _load(base, i, shift)
                     vote = zero
                     for j in range(n_mod):
-                        d = _sparse_delta(models, j, i, shift, b, thresholds, uniforms, drops, scales, dare)
+                        d = _sparse_delta(models, j, i, shift, b, thresholds, keys, drops, scales, dare)
                         d = d * weights[j]
                         vote += _sign(d) if count_vote else d
                     g = one - np.float32(2.0) * np.float32(vote < zero)
                     num = zero
                     div = zero
                     for j in range(n_mod):
-                        d = _sparse_delta(models, j, i, shift, b, thresholds, uniforms, drops, scales, dare)
+                        d = _sparse_delta(models, j, i, shift, b, thresholds, keys, drops, scales, dare)
                         d = d * weights[j]
                         agree = np.float32(_sign(d) == g)
                         num += d * agree
@@ -285,6 +317,42 @@ if AVAILABLE:
                 for j in range(n_mod):
                     acc += coefs[j] * _load(models[j], i, shift)
                 _store(out, i, acc, out_bf16)
+
+
+if AVAILABLE:
+    @njit(parallel=True, cache=True)
+    def _slerp_partials(a, b, shift, chunk):
+        """Per chunk of `chunk` entries: <a, b>, |a|^2, |b|^2 in float64 (one read of both tensors)."""
+        n_el = a.shape[0]
+        n_chunk = (n_el + chunk - 1) // chunk
+        part = np.zeros((n_chunk, 3), np.float64)
+        for c in prange(n_chunk):
+            lo = c * chunk
+            hi = min(n_el, lo + chunk)
+            ab = 0.0
+            aa = 0.0
+            bb = 0.0
+            for i in range(lo, hi):
+                x = np.float64(_load(a, i, shift))
+                y = np.float64(_load(b, i, shift))
+                ab += x * y
+                aa += x * x
+                bb += y * y
+            part[c, 0] = ab
+            part[c, 1] = aa
+            part[c, 2] = bb
+        return part
+
+    @njit(parallel=True, cache=True)
+    def _combine2(a, b, shift, c0, c1, out, out_bf16, nblk):
+        """out = c0 * a + c1 * b in float32 (two products, one sum: as torch's `c0 * a + c1 * b`)."""
+        n_el = out.shape[0]
+        step = (n_el + nblk - 1) // nblk
+        for blk in prange(nblk):
+            lo = blk * step
+            hi = min(n_el, lo + step)
+            for i in range(lo, hi):
+                _store(out, i, c0 * _load(a, i, shift) + c1 * _load(b, i, shift), out_bf16)
 
 
 if AVAILABLE:
@@ -413,23 +481,6 @@ def threshold_bits(base, models, shift, ks: list[int | None], nblk: int) -> np.n
     return out
 
 
-def _l1_scales(base: torch.Tensor, tensors: list[torch.Tensor], draws: list[torch.Tensor],
-               drop_rates: list[float]) -> np.ndarray:
-    """Per model, mergekit's L1 rescale factor ||tau||_1 / ||kept tau||_1, computed with the same torch
-    reductions on the same float32 shapes as `dare_drop(rescale="l1")`, so both paths give the same bits.
-    Needs tau in float32 once per model: the L1 norms are whole-tensor quantities."""
-    from .sparsify import l1_rescale_factor
-
-    b = base.to(torch.float32)
-    out = np.ones(len(tensors), np.float32)
-    for j, (t, u, p) in enumerate(zip(tensors, draws, drop_rates)):
-        delta = t.to(torch.float32) - b
-        factor = l1_rescale_factor(delta * u.ge(p).to(torch.float32), delta)
-        if factor is not None:
-            out[j] = factor.item()
-    return out
-
-
 def fused_task_arithmetic(
     base: torch.Tensor,
     tensors: list[torch.Tensor],
@@ -468,24 +519,28 @@ def fused_task_arithmetic(
     total = np.float32(w.sum(dtype=np.float32)) if mode == MODE_SUM else np.float32(1.0)
     if mode == MODE_SUM and normalize and abs(float(total)) < 1e-8:
         return None  # the torch path raises (paper) or leaves the sum undivided (mergekit)
-    if dare is not None:  # the same uniform draws as dare_drop: torch.rand from each model's generator
+    if dare is not None:  # the counter-based draws of dare_drop, computed in the kernel (taskvec.methods.dare)
+        from .dare import bins_total, dare_key, drop_threshold, l1_factor
+
         drop_rates, rescale, generators = dare
-        draws = [torch.rand(base.shape, generator=g, dtype=torch.float32) for g in generators]
-        uniforms = tuple(u.reshape(-1).numpy() for u in draws)
-        drops = np.asarray(drop_rates, np.float32)
+        keys = np.array([dare_key(g) for g in generators], np.uint64)
+        drops = np.array([drop_threshold(p) for p in drop_rates], np.uint64)
         if rescale == "l1":
-            scales = _l1_scales(base, tensors, draws, drop_rates)
+            bins = _dare_l1_bins(b, ms, shift, keys, drops, nblk)
+            factors = [l1_factor(bins_total(bins[j, 0]), bins_total(bins[j, 1])) for j in range(len(ms))]
+            scales = np.array([1.0 if f is None else f for f in factors], np.float32)
         else:
             scales = np.array([1.0 / (1.0 - p) if rescale and p > 0 else 1.0 for p in drop_rates], np.float32)
     else:
-        uniforms = tuple(np.empty(0, np.float32) for _ in ms)
-        drops = scales = np.zeros(len(ms), np.float32)
+        keys = np.zeros(len(ms), np.uint64)
+        drops = np.zeros(len(ms), np.uint64)
+        scales = np.zeros(len(ms), np.float32)
     out_bf16 = out_dtype == torch.bfloat16
     result = torch.empty(base.shape, dtype=torch.bfloat16 if out_bf16 else torch.float32)
     out = result.reshape(-1).view(torch.int16 if out_bf16 else torch.int32).numpy()
     out = out.view(np.uint16 if out_bf16 else np.uint32)
     kernel = _COMBINE[(out_bf16, dare is not None)][mode]
-    common = (b, ms, shift, tbits, uniforms, drops, scales, w)
+    common = (b, ms, shift, tbits, keys, drops, scales, w)
     if mode == MODE_SUM:
         kernel(*common, total, np.float32(lam), normalize, out, nblk)
     else:
@@ -514,6 +569,34 @@ def fused_linear(tensors: list[torch.Tensor], weights: list[float], *, normalize
     out = result.reshape(-1).view(torch.int16 if out_bf16 else torch.int32).numpy()
     _weighted_sum(ms, np.uint32(16 if bf16 else 0), coefs, out.view(np.uint16 if out_bf16 else np.uint32), out_bf16, nblk)
     return result if out_dtype != torch.float16 else result.to(torch.float16)
+
+def fused_slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, *, out_dtype: torch.dtype) -> torch.Tensor | None:
+    """SLERP in two passes over the stored bits: the float64 dot product and both norms in one reduction,
+    then c0 v0 + c1 v1 rounded to `out_dtype`. The same chunked float64 sums and float32 coefficients as
+    `slerp.slerp` (see its docstring); None when not applicable (the torch path runs)."""
+    from .slerp import CHUNK, slerp_coefficients
+
+    if not AVAILABLE or v0.device.type != "cpu" or v1.device.type != "cpu" or v0.shape != v1.shape:
+        return None
+    if v0.numel() < FUSED_MIN or out_dtype not in (torch.bfloat16, torch.float32, torch.float16):
+        return None
+    bf16 = v0.dtype == torch.bfloat16 and v1.dtype == torch.bfloat16
+    shift = np.uint32(16 if bf16 else 0)
+    a, b = _as_bits(v0, bf16), _as_bits(v1, bf16)
+    ab = aa = bb = 0.0
+    for row in _slerp_partials(a, b, shift, CHUNK):  # chunks added in order, as slerp_sums does
+        ab += float(row[0])
+        aa += float(row[1])
+        bb += float(row[2])
+    c0, c1 = slerp_coefficients(t, ab, aa, bb)
+    nblk = max(1, min(4 * numba.get_num_threads(), a.shape[0] // 65536))
+    out_bf16 = out_dtype == torch.bfloat16
+    result = torch.empty(v0.shape, dtype=torch.bfloat16 if out_bf16 else torch.float32)
+    out = result.reshape(-1).view(torch.int16 if out_bf16 else torch.int32).numpy()
+    _combine2(a, b, shift, np.float32(c0), np.float32(c1), out.view(np.uint16 if out_bf16 else np.uint32),
+              out_bf16, nblk)
+    return result if out_dtype != torch.float16 else result.to(torch.float16)
+
 
 def warm_pages(t: torch.Tensor) -> None:
     """Touch one element per 4 KiB page so a memory-mapped tensor is read in this (loader) thread."""

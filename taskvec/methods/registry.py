@@ -437,6 +437,13 @@ def _slerp(base, tensors, name, p):
     return slerp(p["t"], ends[0], ends[1])
 
 
+def _slerp_fused(base, tensors, name, p, out_dtype):
+    from . import fused as fz  # imports numba: only when a merge runs
+
+    ends = ([base] if base is not None else []) + list(tensors)
+    return fz.fused_slerp(ends[0], ends[1], p["t"], out_dtype=out_dtype) if len(ends) == 2 else None
+
+
 def _model_stock(base, tensors, name, p):
     return model_stock(base, tensors, filter_wise=p["filter_wise"], clamp=p["semantics"] == "paper")
 
@@ -672,7 +679,7 @@ _METHOD_LIST = [
     MergeMethod(
         "slerp", "spherical interpolation from the base (t=0) to the model (t=1)", _slerp,
         (Param("t", 0.5, "interpolation position", low=0.0, high=1.0),),
-        needs_base=False, optional_base=True, max_models=2,
+        needs_base=False, optional_base=True, max_models=2, fused=_slerp_fused,
     ),
     MergeMethod(
         "model_stock", "average pulled towards the base by the task-vector angle", _model_stock,
