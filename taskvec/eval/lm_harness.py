@@ -158,7 +158,9 @@ def load_model(model, *, base=None, tokenizer=None, dtype=torch.float32):
         if not folder.is_dir():
             raise CheckpointError(f"model={folder}: no such model folder")
         module = _causal_lm(folder, dtype)
-        tok = _tokenizer(tokenizer, folder if base is None else Path(base))
+        has_tok = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+        # a merged folder normally carries its tokenizer; a bare one borrows base='s
+        tok = _tokenizer(tokenizer, folder if has_tok or base is None else Path(base))
     elif isinstance(model, torch.nn.Module):
         module = model
         tok = _tokenizer(tokenizer, Path(base) if base is not None else None)
