@@ -99,11 +99,17 @@ class PerplexityEvaluator:
 
 @dataclass
 class LmEvalEvaluator:
-    """lm-evaluation-harness scores through `taskvec.eval.lm_harness.lm_eval(merged, tasks=..., **options)`."""
+    """lm-evaluation-harness scores, `{"task/metric": value}`, through
+    `taskvec.eval.lm_harness.lm_eval(merged, tasks=..., **options)` (imported in the worker, when first used).
+    A merged state dict is loaded into the architecture of `base` (default: the sweep's base folder)."""
 
     tasks: Sequence[str] = ()
     options: Mapping[str, Any] = field(default_factory=dict)
-    materialize = "folder"
+
+    def bind(self, base: Any) -> "LmEvalEvaluator":
+        if "base" in self.options or not isinstance(base, (str, Path)):
+            return self
+        return replace(self, options={**self.options, "base": str(base)})
 
     def __call__(self, merged) -> dict[str, float]:
         try:
@@ -111,7 +117,8 @@ class LmEvalEvaluator:
         except ImportError as e:
             raise ParameterError(f"evaluate: lm_eval needs taskvec.eval.lm_harness and lm-eval "
                                  f"(pip install 'taskvec[harness]'): {e}") from None
-        return dict(harness.lm_eval(merged, tasks=list(self.tasks), **dict(self.options)))
+        result = harness.lm_eval(merged, tasks=list(self.tasks), **dict(self.options))
+        return result.flat() if hasattr(result, "flat") else dict(result)
 
 
 def _lm_eval(tasks: Sequence[str] | str = (), **options) -> LmEvalEvaluator:
