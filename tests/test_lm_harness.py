@@ -161,3 +161,24 @@ def test_import_taskvec_eval_does_not_import_lm_eval():
     code = "import sys, taskvec.eval; print(callable(taskvec.eval.lm_eval), 'lm_eval' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "False"]
+
+
+def test_toxicity_zoo_eval_runs_base_toxic_and_negation(tiny):
+    """The zoo helper on a stand-in zoo (tiny "a" as base, "b" as the toxic fine-tune): three models, and the
+    base rows are lm_eval's numbers for the base folder."""
+    pytest.importorskip("better_profanity", reason="the toxicity tasks need the zoo extra (better-profanity)")
+    from types import SimpleNamespace
+
+    from taskvec.eval.lm_harness import toxicity_zoo_eval
+    from taskvec.vector import TaskVector
+
+    zoo = SimpleNamespace(name="stand-in", kind="lm", base=tiny["a"], models={"toxic": tiny["b"]},
+                          task_vector=lambda task: TaskVector.from_models(str(tiny["a"]), str(tiny["b"])))
+    table = toxicity_zoo_eval(zoo, scaling=0.5, tasks=["taskvec_offensive_text"], limit=2, bootstrap_iters=0)
+    assert list(table.model.unique()) == ["base", "toxic", "negated (λ=0.5)"]
+    assert (table.groupby("model").size() == 3).all()
+    base = lm_eval(tiny["a"], ["taskvec_offensive_text"], limit=2, bootstrap_iters=0).flat()
+    got = {f"{r.task}/{r.metric}": r.value for r in table[table.model == "base"].itertuples()}
+    assert got == pytest.approx(base, rel=1e-9)
+    negated = table[table.model == "negated (λ=0.5)"].set_index("metric").value
+    assert negated["bits_per_byte"] != pytest.approx(got["taskvec_offensive_text/bits_per_byte"])
