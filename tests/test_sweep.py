@@ -204,6 +204,27 @@ def test_result_plots_heatmap_and_pareto(tiny, tmp_path):
     assert "12 points (12 evaluated, 0 from the cache)" in repr(res)
 
 
+def test_perplexity_evaluator_loads_merged_weights_into_the_base_architecture(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from taskvec.eval import perplexity
+    from tests.helpers import perturbed, tiny_llama
+
+    words = "the cat sat on a mat and dog ran far away".split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "</s>", *words])}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="</s>")
+    base, texts = tiny_llama(0, layers=2), ["the cat sat on a mat", "a dog ran far away", "the dog sat"]
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    perturbed(base, scale=0.5).save_pretrained(tmp_path / "ft")
+    res = sweep(str(tmp_path / "base"), [str(tmp_path / "ft")], {"lambda": [0.0, 1.0]}, "perplexity",
+                evaluate_options={"texts": texts}, method="task_arithmetic", executor="serial", progress=False)
+    assert res.data["perplexity"][0] == pytest.approx(perplexity(base, tok, texts), rel=1e-5)  # lambda 0: the base
+    assert res.data["perplexity"][1] != pytest.approx(res.data["perplexity"][0], rel=1e-3)
+
+
 # ----------------------------------------------------------------------------- distributed executors
 @pytest.fixture(scope="module")
 def ray_cluster():

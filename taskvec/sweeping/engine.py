@@ -282,7 +282,8 @@ def sweep(
             then coincide are evaluated once (the others are in `.skipped`).
         evaluate: `f(merged) -> dict of numbers` (merged: a state dict or a folder path, see
             `materialize`), or an evaluator name: "zoo", "perplexity", "lm_eval", "package.module:Class";
-            its options in `evaluate_options`. Must pickle for process executors (a class, not a lambda).
+            its options in `evaluate_options`. Process executors pickle it: with cloudpickle (which
+            ray and dask bring) notebook-defined classes and functions travel too; else define it in a module.
         method: the method of grids without a `method` axis.
         executor: "serial" (this process), "local" (spawned processes), "ray", "dask".
         workers: processes / CPUs (default: every core).

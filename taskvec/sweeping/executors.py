@@ -64,6 +64,23 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _call_pickled(blob: bytes) -> Any:
+    import pickle
+
+    fn, job = pickle.loads(blob)
+    return fn(job)
+
+
+def _by_value(fn, job) -> bytes | None:
+    """(fn, job) pickled with cloudpickle (shipped with ray and dask), which carries classes and functions
+    defined in a notebook or script by value: spawned workers could not import them by name. None without it."""
+    try:
+        import cloudpickle
+    except ImportError:
+        return None
+    return cloudpickle.dumps((fn, job))
+
+
 class LocalExecutor(Executor):
     """`workers` spawned processes on this machine (spawn: no forked torch state), each computing on
     cpu_count / workers threads so that the cores are shared, not oversubscribed."""
@@ -87,7 +104,10 @@ class LocalExecutor(Executor):
     def run(self, fn, jobs):
         from concurrent.futures import as_completed
 
-        futures = {self._pool.submit(fn, job): i for i, job in enumerate(jobs)}
+        futures = {}
+        for i, job in enumerate(jobs):
+            blob = _by_value(fn, job)
+            futures[self._pool.submit(fn, job) if blob is None else self._pool.submit(_call_pickled, blob)] = i
         try:
             for fut in as_completed(futures):
                 yield futures[fut], fut.result()
