@@ -269,7 +269,7 @@ def sweep(
     merge_options: Mapping[str, Any] | None = None,
     progress: bool = True,
     desc: str | None = None,
-    **params,
+    **params: Any,
 ) -> SweepResult:
     """Evaluate `taskvec.merge(base, subset_of_models, method, **point)` at every point of `grid`.
 
@@ -291,9 +291,11 @@ def sweep(
             fingerprints, method, parameters and evaluator; points found there are not evaluated again.
         materialize: "state_dict" (in memory), "folder" (written under `scratch`, removed after
             evaluation: models larger than RAM), "auto" (the evaluator's preference, else by input size).
-        dtype, seed, merge_options: passed to `taskvec.merge` (merge_options: e.g. device, align_vocab).
+        dtype: output dtype of the merges (`taskvec.merge`'s dtype).
+        seed: seed of random methods (DARE, DELLA).
+        merge_options: other keywords of `taskvec.merge` (e.g. device, align_vocab).
         on_error: "raise" (default) or "record" (the row gets an `error` column; nothing is cached).
-        params: parameters every point shares (a list with one value per model is per-model and follows
+        **params: parameters every point shares (a list with one value per model is per-model and follows
             the `models` axis).
 
     Returns:

@@ -95,6 +95,8 @@ def search(
 ) -> SearchResult:
     """Search `space` for the merge that optimises `objective`, with a seeded Optuna sampler (TPE by default).
 
+    The other arguments are those of `taskvec.sweep` (`seed` also seeds the merge's random methods).
+
     Args:
         space: parameter -> (low, high) / (low, high, "log") range or [choices]; `method` and `models`
             (subsets) are choices. Integer bounds give integer parameters.
@@ -102,7 +104,6 @@ def search(
         direction: "maximize" or "minimize".
         n_trials: trials to run; asked `workers` at a time (one batch runs in parallel).
         sampler: "optuna"/"tpe" (TPESampler(seed=seed)), "random", or an optuna sampler.
-        The rest as in `taskvec.sweep` (`seed` also seeds the merge's random methods).
 
     Returns:
         SearchResult: `.data` (one row per trial: trial, parameters, metrics, objective, timings),
