@@ -97,6 +97,18 @@ def test_grid_model_subsets_per_model_lists_aliases_and_repeats():
     assert points[0].canonical["lam"] == "lambda"
 
 
+def test_numpy_axes_and_a_seed_axis_reach_merge(tiny, tmp_path):
+    import numpy as np
+
+    res = sweep(tiny["base"], tiny["models"], {"method": ["dare_ties", "ties"], "seed": np.arange(2)},
+                CountingEval(tmp_path / "n"), density=0.5, executor="serial", progress=False)
+    assert res.data["method"].tolist() == ["dare_ties", "dare_ties", "ties"]
+    want = taskvec.merge(tiny["base"], tiny["models"], "dare_ties", density=0.5, seed=1, progress=False)
+    assert res.data["norm"][1] == pytest.approx(float(want["layer.weight"].norm()), rel=1e-6)
+    assert res.data["norm"][0] != pytest.approx(res.data["norm"][1])
+    assert res.skipped["reason"].tolist() == ["ties takes no seed"]
+
+
 def test_grid_errors_name_the_key_or_the_point():
     with pytest.raises(ParameterError, match=r"'densty' \(did you mean 'density'\?\)"):
         expand_grid({"densty": [0.2]}, labels=LABELS, method="ties")

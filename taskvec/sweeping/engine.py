@@ -190,7 +190,7 @@ class Plan:
     def job(self, point: Point) -> Job:
         merge_options = dict(self.merge_options)
         params = dict(point.params)
-        for k in MERGE_KEYS:
+        for k in (*MERGE_KEYS, "seed"):  # keywords of merge() itself (seed: also DARE's parameter)
             if k in params:
                 merge_options[k] = params.pop(k)
         return Job(self.base, [self.models[i] for i in point.models], point.method, params, self.evaluate,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from taskvec.errors import ParameterError
 
@@ -38,6 +38,20 @@ class Point:
     def identity(self) -> tuple:
         return (self.method, self.models, tuple(sorted((self.canonical.get(k, k), _hashable(v))
                                                        for k, v in self.params.items())))
+
+
+def _values(v: Any) -> list:
+    """A grid entry's values: any iterable (list, tuple, range, numpy array); a single value is one value."""
+    if isinstance(v, (str, bytes, Mapping)) or not isinstance(v, Iterable):
+        return [v]
+    return list(v)
+
+
+def _plain(v: Any) -> Any:
+    """numpy scalars as Python numbers (the registry's range checks, JSON cache keys), lists element-wise."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v.item() if hasattr(v, "item") and getattr(v, "ndim", None) == 0 else v
 
 
 def _hashable(v: Any) -> Any:
@@ -88,8 +102,7 @@ def expand_grid(grid: Mapping[str, Sequence], *, labels: Sequence[str], method: 
 
     if not isinstance(grid, Mapping):
         raise ParameterError(f"grid: expected a dict of lists, got {type(grid).__name__}")
-    grid = {str(k): ([v] if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) else list(v))
-            for k, v in grid.items()}
+    grid = {str(k): [_plain(x) for x in _values(v)] for k, v in grid.items()}
     for k, v in grid.items():
         if not v:
             raise ParameterError(f"grid: {k!r} has no values")
