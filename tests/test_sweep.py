@@ -101,7 +101,8 @@ def test_numpy_axes_and_a_seed_axis_reach_merge(tiny, tmp_path):
     import numpy as np
 
     res = sweep(tiny["base"], tiny["models"], {"method": ["dare_ties", "ties"], "seed": np.arange(2)},
-                CountingEval(tmp_path / "n"), density=0.5, executor="serial", progress=False)
+                CountingEval(tmp_path / "n"), density=0.5, executor="serial", progress=False, cache=tmp_path / "c")
+    assert evaluations(tmp_path / "n") == 3  # each seed its own cache entry
     assert res.data["method"].tolist() == ["dare_ties", "dare_ties", "ties"]
     want = taskvec.merge(tiny["base"], tiny["models"], "dare_ties", density=0.5, seed=1, progress=False)
     assert res.data["norm"][1] == pytest.approx(float(want["layer.weight"].norm()), rel=1e-6)

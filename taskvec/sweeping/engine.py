@@ -164,7 +164,8 @@ def _materialize(materialize: str, evaluate: Callable, inputs: Sequence[Any]) ->
 
 
 class Plan:
-    """A sweep resolved before anything runs: the points, what is cached, the jobs left to run."""
+    """What every point of a sweep shares (inputs, evaluator, cache, merge options); makes each point's
+    cache key and its job."""
 
     def __init__(self, base, models, evaluate, *, cache, materialize, merge_options, scratch, on_error, labels):
         self.base, self.models, self.labels = base, models, labels
@@ -185,7 +186,7 @@ class Plan:
             return ""
         inputs = {"base": None if self.base is None else self._fp(None), "models": [self._fp(i) for i in point.models]}
         params = {point.canonical.get(k, k): v for k, v in point.params.items()}
-        return point_key(inputs, point.method, {**params, **self.merge_options}, self._evaluator)
+        return point_key(inputs, point.method, {**self.merge_options, **params}, self._evaluator)  # as `job`
 
     def job(self, point: Point) -> Job:
         merge_options = dict(self.merge_options)
