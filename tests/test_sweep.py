@@ -195,6 +195,9 @@ def test_executor_errors_are_clear(tiny, monkeypatch):
         monkeypatch.setitem(sys.modules, module, None)  # as if not installed
         with pytest.raises(ParameterError, match=rf"executor='{executor}' needs .*pip install 'taskvec\[scale\]'"):
             sweep(*args, method="task_arithmetic", executor=executor)
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    with pytest.raises(ParameterError, match=r"taskvec.search needs optuna, which is not installed: pip install"):
+        search(*args, objective="norm", method="task_arithmetic", executor="serial")
     with pytest.raises(ParameterError, match=r"models\[0\]: executor 'local' opens models by path"):
         sweep(tiny["base"], [{"layer.weight": torch.ones(6, 4)}], {"lambda": [1.0]}, CountingEval("/x"),
               method="task_arithmetic", executor="local")
@@ -336,6 +339,7 @@ def test_cli_writes_results_cache_and_figures(tiny, tmp_path):
     ("  density: [0.2]", "  fast: true", r"sweep.yml: evaluate: expected an evaluator name"),
     ("  density: [2.0]", "  name: zoo", r"sweep.yml: grid point \(ties; .*density must be in"),
     ("  density: [0.2]", "  name: zoo\n  colour: red", r"sweep.yml: evaluate: zoo: .*'colour'"),
+    ("  density: [0.2", "  name: zoo", r"sweep.yml: not valid YAML"),
 ])
 def test_cli_bad_sweep_file_is_a_clear_error_and_writes_nothing(tiny, tmp_path, capsys, grid, evaluate, message):
     from taskvec.cli import main

@@ -16,12 +16,12 @@ from taskvec.errors import ParameterError
 EXECUTORS = ("serial", "local", "ray", "dask")
 
 
-def require(module: str, executor: str):
-    """Import an optional dependency, or a clear error naming the extra that installs it."""
+def require(module: str, what: str):
+    """Import an optional dependency of `what` (e.g. "executor='ray'"), or a clear error naming the extra."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ParameterError(f"executor={executor!r} needs {module.split('.')[0]}, which is not installed: "
+        raise ParameterError(f"{what} needs {module.split('.')[0]}, which is not installed: "
                              "pip install 'taskvec[scale]'") from None
 
 
@@ -123,7 +123,7 @@ class RayExecutor(Executor):
     name = "ray"
 
     def __enter__(self):
-        ray = require("ray", self.name)
+        ray = require("ray", f"executor={self.name!r}")
         self._owned = False
         if not ray.is_initialized():
             address = os.environ.get("RAY_ADDRESS")
@@ -161,7 +161,7 @@ class DaskExecutor(Executor):
     name = "dask"
 
     def __enter__(self):
-        distributed = require("distributed", self.name)
+        distributed = require("distributed", f"executor={self.name!r}")
         address = os.environ.get("DASK_SCHEDULER_ADDRESS")
         if address:
             self._cluster, self._client = None, distributed.Client(address)
@@ -199,5 +199,5 @@ def get_executor(executor: str | Executor, workers: int | None = None, **options
     if executor not in _CLASSES:
         raise ParameterError(f"executor: unknown {executor!r}; choose from {', '.join(EXECUTORS)}")
     if executor in ("ray", "dask"):
-        require("ray" if executor == "ray" else "distributed", executor)  # say so before any work
+        require("ray" if executor == "ray" else "distributed", f"executor={executor!r}")  # say so before any work
     return _CLASSES[executor](workers, **options)

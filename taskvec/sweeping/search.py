@@ -109,7 +109,7 @@ def search(
         SearchResult: `.data` (one row per trial: trial, parameters, metrics, objective, timings),
         `.best_params`, `.best_value`, `.study`.
     """
-    optuna = require("optuna", "search")
+    optuna = require("optuna", "taskvec.search")
     if direction not in DIRECTIONS:
         raise ParameterError(f"direction: expected one of {DIRECTIONS}, got {direction!r}")
     if not isinstance(n_trials, int) or n_trials < 1:
