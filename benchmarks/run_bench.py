@@ -11,7 +11,10 @@ load. The I/O floor (benchmarks/io_floor.py) reads every input tensor, adds
 them, and writes the result with taskvec's writer: no merge can be faster.
 
 Measured per run: wall time of the whole command (imports included, as a user
-sees it) and peak anonymous memory of the process tree, sampled every 20 ms
+sees it), for taskvec also the time from interpreter start to its first input
+tensor read (benchmarks/startup_probe.py) and the wall time of a first run with
+an empty numba cache (`first_run_s`: what the first merge after installing
+costs; the timed run after it finds the kernels cached), and peak anonymous memory of the process tree, sampled every 20 ms
 from /proc/PID/status `RssAnon` (max RSS would count the mmapped input pages,
 which are page cache, not memory the merge needs). Where the semantics
 coincide (linear, task_arithmetic, slerp), the outputs are compared tensor by
@@ -33,6 +36,10 @@ from string import Template
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
+# This wave's methods (`--methods all`, or name them): mergekit 0.1.5's others, and the spectral merges
+EXTRA_METHODS = ("model_stock", "nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion", "ram", "sce",
+                 "tsv_m", "iso_c", "iso_cts")
+MERGEKIT_LACKS = ("tsv_m", "iso_c", "iso_cts")  # taskvec only: timed against the floor alone
 # Outputs compared tool against tool (DARE's random masks differ by design).
 PARITY_METHODS = ("linear", "task_arithmetic", "ties", "slerp")
 
@@ -107,12 +114,12 @@ def compare_outputs(a: Path, b: Path) -> dict:
 
 # ------------------------------------------------------------------ running
 
-def write_configs(work: Path, models: dict[str, Path]) -> dict[str, Path]:
+def write_configs(work: Path, models: dict[str, Path], methods=METHODS) -> dict[str, Path]:
     cfg_dir = work / "configs"
     cfg_dir.mkdir(parents=True, exist_ok=True)
     layers = json.loads((models["base"] / "config.json").read_text())["num_hidden_layers"]
     out = {}
-    for m in METHODS:
+    for m in methods:
         text = Template((HERE / "configs" / f"bench_{m}.yml").read_text()).substitute(
             WORK=str(models["base"].parent), LAYERS=layers)
         out[m] = cfg_dir / f"{m}.yml"
@@ -133,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="270m", help="270m, 1.1b or tiny (see make_checkpoints.py)")
     ap.add_argument("--work", default=str(HERE / "work"), help="where checkpoints and outputs go (gitignored)")
     ap.add_argument("--mergekit", default="/tmp/venv-bench/bin/mergekit-yaml", help="mergekit-yaml of mergekit 0.1.5")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma-separated, or 'all' (adds " + ", ".join(EXTRA_METHODS) + ")")
+    ap.add_argument("--no-first-run", action="store_true", help="skip the cold-numba-cache first run per method")
     ap.add_argument("--no-mergekit", action="store_true", help="taskvec and floor only")
     ap.add_argument("--results", default=str(HERE / "results"))
     ap.add_argument("--tag", default="", help="suffix for the result file name")
@@ -146,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     models = make_checkpoints(args.size, work)
     print(f"checkpoints ready in {time.perf_counter() - t0:.0f} s: {work}", flush=True)
-    configs = write_configs(work, models)
+    methods = list(METHODS + EXTRA_METHODS) if args.methods == "all" else args.methods.split(",")
+    configs = write_configs(work, models, methods)
     outs = work / "outputs"
     shutil.rmtree(outs, ignore_errors=True)
     outs.mkdir()
@@ -157,7 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(exist_ok=True)
 
     def taskvec_cmd(cfg: Path, out: Path) -> list[str]:
-        return [sys.executable, "-m", "taskvec.cli", "merge", str(cfg), str(out), "--no-progress"]
+        # `taskvec merge`, through the probe that notes when the first input tensor is read
+        return [sys.executable, str(HERE / "startup_probe.py"), str(cfg), str(out), "--no-progress"]
+
+    def probe(log: Path) -> float | None:
+        for line in reversed(log.read_text(errors="replace").splitlines()):
+            if line.startswith("{") and "startup_to_first_tensor_s" in line:
+                return json.loads(line)["startup_to_first_tensor_s"]
+        return None
+
+    numba_cache = work / "numba-cache"  # a cache of the bench's own: the first run of each method starts it empty
 
     def mergekit_cmd(cfg: Path, out: Path) -> list[str]:
         return [args.mergekit, str(cfg), str(out), "--no-copy-tokenizer", "--quiet"]
@@ -180,22 +199,33 @@ def main(argv: list[str] | None = None) -> int:
     print("startup:", {k: round(v, 1) for k, v in startup.items()}, flush=True)
 
     rows = []
-    for i, method in enumerate(args.methods.split(",")):
+    tv_env = {**env, "NUMBA_CACHE_DIR": str(numba_cache)}
+    for i, method in enumerate(methods):
         runs = {}
+        first_run = None
+        if not args.no_first_run:
+            shutil.rmtree(numba_cache, ignore_errors=True)
+            out = outs / f"taskvec-first-{method}"
+            first_run = run_measured(taskvec_cmd(configs[method], out), logs / f"taskvec-first-{method}.log", tv_env)
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"{method:16s} first run {first_run['wall']:7.1f} s (empty numba cache)", flush=True)
         order = ["mergekit", "taskvec"] if i % 2 == 0 else ["taskvec", "mergekit"]
-        if args.no_mergekit:
+        if args.no_mergekit or method in MERGEKIT_LACKS:
             order = ["taskvec"]
         for tool in order:
             out = outs / f"{tool}-{method}"
             cmd = taskvec_cmd(configs[method], out) if tool == "taskvec" else mergekit_cmd(configs[method], out)
-            r = run_measured(cmd, logs / f"{tool}-{method}.log", env if tool == "taskvec" else mk_env)
+            r = run_measured(cmd, logs / f"{tool}-{method}.log", tv_env if tool == "taskvec" else mk_env)
+            if tool == "taskvec":
+                r["startup_to_first_tensor_s"] = probe(logs / f"{tool}-{method}.log")
+                r["first_run_s"] = first_run["wall"] if first_run else None
             if r["rc"]:
                 tail = (logs / f"{tool}-{method}.log").read_text(errors="replace")[-2000:]
                 raise SystemExit(f"{tool} {method} failed (rc {r['rc']}):\n{tail}")
             runs[tool] = r
             print(f"{method:16s} {tool:8s} {r['wall']:7.1f} s  {fmt_gb(r['peak_anon'])} GiB anon", flush=True)
         parity = None
-        if not args.no_mergekit and method in PARITY_METHODS:
+        if "mergekit" in runs and method in PARITY_METHODS:
             parity = compare_outputs(outs / f"taskvec-{method}", outs / f"mergekit-{method}")
         for tool in order:
             shutil.rmtree(outs / f"{tool}-{method}", ignore_errors=True)
@@ -218,9 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         "starting each tool (interpreter + imports, included in every wall time): "
         + ", ".join(f"{k} {v:.1f} s" for k, v in startup.items()) + ".",
         "",
-        "| method | mergekit s | taskvec s | taskvec/mergekit | taskvec/floor | mergekit GiB | taskvec GiB | "
-        "load avg before (mk / tv) | parity (max abs diff; share > 1 bf16 ulp) |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| method | mergekit s | taskvec s | taskvec/mergekit | taskvec/floor | first_run_s | first/warm | "
+        "startup_to_first_tensor_s | mergekit GiB | taskvec GiB | load avg before (mk / tv) | "
+        "parity (max abs diff; share > 1 bf16 ulp) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for method, runs, parity in rows:
         tv, mk = runs["taskvec"], runs.get("mergekit")
@@ -229,8 +260,13 @@ def main(argv: list[str] | None = None) -> int:
             par = ("keys differ" if not parity["same_keys"]
                    else f"{parity['max_abs']:.2e}; {parity['frac_beyond_1ulp']:.2%}")
         ratio = f"{tv['wall'] / mk['wall']:.2f}" if mk else "—"
+        first = tv.get("first_run_s")
+        to_first = tv.get("startup_to_first_tensor_s")
+        first_ratio = f"{first / tv['wall']:.2f}" if first else "—"
         lines.append(f"| {method} | {fmt_s(mk['wall']) if mk else '—'} | {fmt_s(tv['wall'])} | {ratio} | "
-                     f"{tv['wall'] / floor['wall']:.2f} | {fmt_gb(mk['peak_anon']) if mk else '—'} | "
+                     f"{tv['wall'] / floor['wall']:.2f} | {fmt_s(first) if first else '—'} | "
+                     f"{first_ratio} | "
+                     f"{f'{to_first:.2f}' if to_first is not None else '—'} | {fmt_gb(mk['peak_anon']) if mk else '—'} | "
                      f"{fmt_gb(tv['peak_anon'])} | {mk['load_before'] if mk else float('nan'):.1f} / "
                      f"{tv['load_before']:.1f} | {par} |")
     lines += [
