@@ -242,8 +242,8 @@ def test_perplexity_evaluator_loads_merged_weights_into_the_base_architecture(tm
 
 
 # ----------------------------------------------------------------------------- distributed executors
-@pytest.fixture(scope="module")
-def ray_cluster():
+@pytest.fixture
+def ray_cluster():  # shut down right after its test: an idle cluster still takes CPU from the next tests
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'taskvec[scale]')")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # workers start in this directory
     yield ray
