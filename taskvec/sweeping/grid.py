@@ -119,7 +119,8 @@ def expand_grid(grid: Mapping[str, Sequence], *, labels: Sequence[str], method: 
         if not any(key in names for names in accepted.values()):
             known = sorted({n for names in accepted.values() for n in names} | set(SPECIAL_KEYS))
             hint = difflib.get_close_matches(key, known, n=1)
-            raise ParameterError(f"grid: no swept method ({', '.join(methods)}) takes {key!r}"
+            where = "grid" if key in grid else "parameters"
+            raise ParameterError(f"{where}: no swept method ({', '.join(methods)}) takes {key!r}"
                                  f"{f' (did you mean {hint[0]!r}?)' if hint else ''}; keys: {', '.join(known)}")
     subsets = model_subsets(grid.get("models"), labels)
     axes = [k for k in grid if k not in SPECIAL_KEYS]
