@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("taskvec.demo:main", "run the headline experiments on the offline zoo and write figures"),
     "extract-lora": ("taskvec.cli:extract_lora", "export FINETUNED - BASE as a PEFT LoRA adapter (truncated SVD)"),
     "lab": ("taskvec.lab_launcher:main", "open the notebooks in JupyterLab, or one as a Voila app (--voila)"),
+    "warmup": ("taskvec.cli:warmup", "compile the fused kernels once after installing (the first merge then pays no JIT)"),
     "sweep": ("taskvec.sweeping.cli:main", "evaluate a grid of merges (mergekit YAML + grid:) on processes, Ray or Dask"),
 }
 
@@ -89,6 +90,42 @@ def extract_lora(argv: list[str]) -> int:
     with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 60):
         print(export.report.drop(columns="module").to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     print(export.summary())
+    return 0
+
+
+def warmup(argv: list[str]) -> int:
+    """`taskvec warmup [--models 1,2,3] [--dtypes bfloat16,float32]`: compile numba's kernels into its cache."""
+    import argparse
+    import time
+
+    p = argparse.ArgumentParser(
+        prog="taskvec warmup",
+        description="Compile the fused numba kernels (linear, task arithmetic, TIES, DARE, SLERP) into numba's "
+                    "on-disk cache, so the first merge after installing does not spend tens of seconds compiling. "
+                    "Kernels specialise on the number of models and the dtypes; others compile on first use.")
+    p.add_argument("--models", default="1,2,3", help="numbers of merged models (besides the base) to compile for")
+    p.add_argument("--dtypes", default="bfloat16,float32", help="checkpoint dtypes: bfloat16, float32, float16")
+    args = p.parse_args(argv)
+    try:
+        n_models = tuple(int(x) for x in args.models.split(","))
+        if any(n < 1 for n in n_models):
+            raise ValueError
+    except ValueError:
+        p.error(f"--models: expected positive integers separated by commas, got {args.models!r}")
+    import torch
+
+    names = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+    bad = [d for d in args.dtypes.split(",") if d not in names]
+    if bad:
+        p.error(f"--dtypes: unknown {bad}; use {', '.join(names)}")
+    from taskvec.methods import fused
+
+    if not fused.AVAILABLE:
+        print("taskvec warmup: numba is not installed; merges use the torch kernels (nothing to compile)")
+        return 0
+    t0 = time.perf_counter()
+    runs = fused.warmup(n_models=n_models, dtypes=tuple(names[d] for d in args.dtypes.split(",")))
+    print(f"taskvec warmup: {runs} synthetic merges ran; their kernels are cached ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 

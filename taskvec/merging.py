@@ -10,7 +10,11 @@ Peak memory is a few copies of the largest tensor, never the whole model.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import re
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -21,7 +25,18 @@ from taskvec._progress import progress as progress_bar
 from taskvec.errors import CheckpointError, KeyMismatchError, ParameterError, ShapeMismatchError
 from taskvec.io import ShardedWriter, Source, TensorMeta, open_source
 from taskvec.io.sources import StateDictSource
-from taskvec.methods import MagnitudeSelector, fused, get_method
+from taskvec.methods import MagnitudeSelector, get_method
+
+_FUSED = "taskvec.methods.fused"  # numba and its kernels: imported on first use (0.5 s+ that a run may not need)
+
+
+def _fused():
+    """The fused-kernel module, imported on first use (a background import started by `merge` may be under way)."""
+    return importlib.import_module(_FUSED)
+
+
+def _numba_installed() -> bool:
+    return importlib.util.find_spec("numba") is not None
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -94,17 +109,17 @@ def _load(src: Source, key: str, device: str) -> torch.Tensor:
 def _check_inputs_finite(key: str, pairs: Sequence[tuple[Source, torch.Tensor | None]]) -> None:
     """A NaN or inf in an input would flow into the merge (or, dropped by DARE, hide): refuse, naming it."""
     for src, t in pairs:
-        if t is not None and not fused.all_finite(t):
+        if t is not None and not _fused().all_finite(t):
             raise CheckpointError(f"{src.name}: tensor {key!r} contains NaN or inf; nothing was merged or written")
 
 
 def _check_output_finite(key: str, result: torch.Tensor, method: str, float32_result: Callable[[], torch.Tensor]) -> None:
     """A non-finite merged tensor is an error: an overflow of the output dtype (the float32 merge is finite)
     names `dtype`; otherwise the method's parameters produced it from finite inputs."""
-    if fused.all_finite(result):
+    if _fused().all_finite(result):
         return
     full = float32_result()
-    if result.dtype != torch.float32 and fused.all_finite(full):
+    if result.dtype != torch.float32 and _fused().all_finite(full):
         peak = float(full.abs().max())
         limit = torch.finfo(result.dtype).max
         raise ParameterError(f"dtype: tensor {key!r} of the {method} merge reaches |x| = {peak:.4g}, beyond "
@@ -237,6 +252,8 @@ def merge(
     tensor (and the model), raised before anything is written.
     """
     m = get_method(method)
+    if _FUSED not in sys.modules and _numba_installed():  # numba and the kernels import while sources open
+        threading.Thread(target=_fused, name="taskvec-import-fused", daemon=True).start()
     if isinstance(models, (str, Path, Source, dict, torch.nn.Module)) or not isinstance(models, Sequence):
         raise ParameterError(f"models: expected a list of models, got a {type(models).__name__}")
     out_dtype = as_dtype(dtype)
@@ -268,7 +285,7 @@ def merge(
 
     # raw path: stored-dtype CPU tensors go to the method's fused kernel (one pass, no float32 copies);
     # otherwise every input is loaded as a float32 copy (on `device`) for the per-tensor kernel
-    raw = device == "cpu" and not align_vocab and m.fused is not None and fused.AVAILABLE
+    raw = device == "cpu" and not align_vocab and m.fused is not None and _numba_installed()
     inputs = ([base_src] if base_src is not None else []) + model_srcs
     tied = tied_aliases(ref, [s for s in inputs if s is not ref], float_keys)
     _TIED = object()
@@ -282,7 +299,7 @@ def merge(
             b = base_src.get(k) if use_base and base_src is not None else None
             ts = [s.get(k) for s in model_srcs]
             for t in [b, *ts] if b is not None else ts:
-                fused.warm_pages(t)  # the page reads happen here, in the loader thread
+                _fused().warm_pages(t)  # the page reads happen here, in the loader thread
             _check_inputs_finite(k, [(base_src, b), *zip(model_srcs, ts)])
             return b, ts
         b = _load(base_src, k, device) if (use_base or align_vocab) and base_src is not None else None

@@ -15,6 +15,12 @@ numba = pytest.importorskip("numba")
 from taskvec.methods import fused  # noqa: E402  (after the numba check)
 
 
+@pytest.fixture(autouse=True)
+def compile_in_the_caller(monkeypatch):
+    """These tests check the kernels themselves: no torch path while a kernel compiles in the background."""
+    monkeypatch.setattr(fused, "BACKGROUND_JIT", False)
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[t.dtype])
 

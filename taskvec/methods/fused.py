@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import numpy as np
 import torch
@@ -41,6 +42,46 @@ except ImportError:  # pragma: no cover - exercised where numba is absent
     numba = None
 
 AVAILABLE = numba is not None
+
+# Just-in-time compilation without the wait (opt-in: TASKVEC_JIT=background). The first time a run needs a
+# kernel specialisation (method mode, input/output dtypes, number of models) that numba has not compiled, a
+# thread compiles it on small synthetic inputs while the merge carries on with the torch path, which gives the
+# same bits; once it is compiled (or loaded from numba's on-disk cache, which takes milliseconds: the first check
+# waits up to JIT_FIRST_WAIT for that) the kernels take over. The thread is not a daemon: a short run waits for
+# it at exit so the compiled kernels reach the cache. Not the default: on 2 busy cores the compile and the torch
+# path compete for the same cores (a first TIES run at 270M took as long as compiling first), and the torch path
+# holds float32 copies, so a first run's peak memory would grow. Default (sync): compile in the caller.
+BACKGROUND_JIT = os.environ.get("TASKVEC_JIT", "sync").lower() == "background"
+JIT_FIRST_WAIT = 1.0  # seconds the first request for a specialisation waits (a cache load is far quicker)
+_JIT: dict[tuple, threading.Thread | None] = {}  # specialisation -> compiling thread, None once ready
+_JIT_LOCK = threading.Lock()
+
+
+def _compile(warm) -> None:
+    try:
+        warm()
+    except Exception:  # the real call compiles (and raises) in the caller
+        pass
+
+
+def kernels_ready(spec: tuple, warm) -> bool:
+    """Whether the kernels of `spec` are compiled; the first request starts `warm` (which runs them on
+    synthetic inputs) in a thread and waits up to JIT_FIRST_WAIT for it. False: take the torch path."""
+    if not BACKGROUND_JIT:
+        return True
+    with _JIT_LOCK:
+        first = spec not in _JIT
+        if first:
+            _JIT[spec] = threading.Thread(target=_compile, args=(warm,), name="taskvec-jit")
+            _JIT[spec].start()
+        th = _JIT[spec]
+    if th is None:
+        return True
+    th.join(JIT_FIRST_WAIT if first else 0.0)
+    if th.is_alive():
+        return False
+    _JIT[spec] = None
+    return True
 
 MODE_SUM, MODE_PAPER, MODE_MERGEKIT = 0, 1, 2
 
@@ -380,7 +421,8 @@ def all_finite(t: torch.Tensor) -> bool:
     if t.numel() == 0:
         return True
     spec = _EXPONENT.get(t.dtype)
-    if AVAILABLE and spec is not None and t.device.type == "cpu":
+    if AVAILABLE and spec is not None and t.device.type == "cpu" and kernels_ready(
+            ("finite", t.dtype), lambda: _count_nonfinite(np.zeros(1, spec[1].dtype), spec[1])):
         int_dtype, exponent = spec
         return _count_nonfinite(t.detach().reshape(-1).view(int_dtype).numpy(), exponent) == 0
     if t.dtype in (torch.float32, torch.float64):
@@ -494,6 +536,7 @@ def fused_task_arithmetic(
     normalize: bool,
     out_dtype: torch.dtype,
     dare: tuple[list[float], bool | str, list[torch.Generator]] | None = None,
+    _sync: bool = False,
 ) -> torch.Tensor | None:
     """Sparsify (magnitude trim, or DARE with `dare` = (drop rates, rescale True/False/"l1", generators)) +
     combine + scale + add in fused passes; None when not applicable (numba missing, non-CPU
@@ -505,6 +548,24 @@ def fused_task_arithmetic(
     if base.numel() < FUSED_MIN or out_dtype not in (torch.bfloat16, torch.float32, torch.float16):
         return None
     bf16 = base.dtype == torch.bfloat16 and all(t.dtype == torch.bfloat16 for t in tensors)
+    select = thresholds is None and densities is not None and any(d < 1.0 for d in densities)
+    spec = ("gta", bf16, len(tensors), mode, count_vote, normalize, out_dtype, select, dare is not None,
+            dare is not None and dare[1] == "l1")
+
+    def warm():  # the same specialisations on synthetic inputs: both selection sizes when trimming
+        from .dare import tensor_generator
+
+        for n_el in (FUSED_MIN, _BRACKET_MIN) if select else (FUSED_MIN,):
+            g = torch.Generator().manual_seed(0)
+            b0 = torch.randn(n_el, generator=g).to(base.dtype)
+            ts = [(b0.float() + torch.randn(n_el, generator=g)).to(t.dtype) for t in tensors]
+            fused_task_arithmetic(
+                b0, ts, densities=densities, thresholds=thresholds, weights=weights, lam=lam, mode=mode,
+                count_vote=count_vote, normalize=normalize, out_dtype=out_dtype, _sync=True,
+                dare=None if dare is None else (dare[0], dare[1], [tensor_generator(0, "w")] * len(tensors)))
+
+    if not _sync and not kernels_ready(spec, warm):
+        return None
     shift = np.uint32(16 if bf16 else 0)
     b = _as_bits(base, bf16)
     ms = tuple(_as_bits(t, bf16) for t in tensors)
@@ -550,7 +611,7 @@ def fused_task_arithmetic(
 
 
 def fused_linear(tensors: list[torch.Tensor], weights: list[float], *, normalize: bool,
-                 out_dtype: torch.dtype) -> torch.Tensor | None:
+                 out_dtype: torch.dtype, _sync: bool = False) -> torch.Tensor | None:
     """Weighted average (linear merge) straight from the stored bits in one pass; None when not
     applicable (numba missing, non-CPU or small tensors, a zero weight sum): the torch path runs."""
     if not AVAILABLE or not tensors or any(t.device.type != "cpu" for t in tensors):
@@ -561,6 +622,10 @@ def fused_linear(tensors: list[torch.Tensor], weights: list[float], *, normalize
     if normalize and abs(total) < 1e-12:
         return None  # the torch path raises the explanatory error
     bf16 = all(t.dtype == torch.bfloat16 for t in tensors)
+    warm = lambda: fused_linear([torch.zeros(FUSED_MIN, dtype=t.dtype) for t in tensors], weights,  # noqa: E731
+                                normalize=normalize, out_dtype=out_dtype, _sync=True)
+    if not _sync and not kernels_ready(("linear", bf16, len(tensors), out_dtype), warm):
+        return None
     ms = tuple(_as_bits(t, bf16) for t in tensors)
     coefs = np.asarray([float(w) / total if normalize else float(w) for w in weights], np.float32)
     nblk = max(1, min(4 * numba.get_num_threads(), ms[0].shape[0] // 65536))
@@ -570,7 +635,8 @@ def fused_linear(tensors: list[torch.Tensor], weights: list[float], *, normalize
     _weighted_sum(ms, np.uint32(16 if bf16 else 0), coefs, out.view(np.uint16 if out_bf16 else np.uint32), out_bf16, nblk)
     return result if out_dtype != torch.float16 else result.to(torch.float16)
 
-def fused_slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, *, out_dtype: torch.dtype) -> torch.Tensor | None:
+def fused_slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, *, out_dtype: torch.dtype,
+                _sync: bool = False) -> torch.Tensor | None:
     """SLERP in two passes over the stored bits: the float64 dot product and both norms in one reduction,
     then c0 v0 + c1 v1 rounded to `out_dtype`. The same chunked float64 sums and float32 coefficients as
     `slerp.slerp` (see its docstring); None when not applicable (the torch path runs)."""
@@ -581,6 +647,10 @@ def fused_slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, *, out_dtype: torc
     if v0.numel() < FUSED_MIN or out_dtype not in (torch.bfloat16, torch.float32, torch.float16):
         return None
     bf16 = v0.dtype == torch.bfloat16 and v1.dtype == torch.bfloat16
+    warm = lambda: fused_slerp(torch.ones(FUSED_MIN, dtype=v0.dtype), torch.zeros(FUSED_MIN, dtype=v1.dtype),  # noqa: E731
+                               t, out_dtype=out_dtype, _sync=True)
+    if not _sync and not kernels_ready(("slerp", bf16, out_dtype), warm):
+        return None
     shift = np.uint32(16 if bf16 else 0)
     a, b = _as_bits(v0, bf16), _as_bits(v1, bf16)
     ab = aa = bb = 0.0
@@ -604,3 +674,46 @@ def warm_pages(t: torch.Tensor) -> None:
     step = max(1, 4096 // max(1, flat.element_size()))
     if flat.numel():
         float(flat[::step].float().sum()) if flat.is_floating_point() else None
+
+
+WARMUP_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp")
+
+
+def warmup(methods=WARMUP_METHODS, n_models=(1, 2, 3), dtypes=(torch.bfloat16, torch.float32),
+           semantics=("mergekit", "paper")) -> int:
+    """Compile (or load from numba's cache) the kernels these merges use, on synthetic tensors, so the first real
+    merge after installing pays no JIT: `taskvec warmup` runs it once. Kernels specialise on the input and output
+    dtypes and the number of models (SLERP: two ends). Returns how many merges it ran."""
+    from .registry import get_method
+
+    global BACKGROUND_JIT
+    if not AVAILABLE:
+        return 0
+    background, BACKGROUND_JIT = BACKGROUND_JIT, False  # compile here, whatever TASKVEC_JIT says
+    try:
+        runs = _warm_all(get_method, methods, n_models, dtypes, semantics)
+    finally:
+        BACKGROUND_JIT = background
+    return runs
+
+
+def _warm_all(get_method, methods, n_models, dtypes, semantics) -> int:
+    runs = 0
+    for name in methods:
+        m = get_method(name)
+        for dtype in dtypes:
+            for n in (1,) if name == "slerp" else n_models:
+                for sem in semantics if "semantics" in m.param_names else (None,):
+                    g = torch.Generator().manual_seed(0)
+                    sizes = (FUSED_MIN, _BRACKET_MIN) if name == "ties" else (FUSED_MIN,)  # both selections
+                    for size in sizes:
+                        base = torch.randn(size, generator=g).to(dtype)
+                        ts = [(base.float() + torch.randn(size, generator=g)).to(dtype) for _ in range(n)]
+                        params = {} if sem is None else {"semantics": sem}
+                        if name.startswith("dare"):
+                            params["rescale"] = True  # paper: 1/(1-p); mergekit: the L1 factor (its own kernel)
+                        checked = m.check_params(n, has_base=True, **params)
+                        all_finite(base)
+                        m.merge_fast(base, ts, name="warmup", checked=checked, out_dtype=dtype)
+                        runs += 1
+    return runs

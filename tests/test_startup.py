@@ -1,0 +1,47 @@
+"""Start-up: what `taskvec merge` imports before it needs it, and `taskvec warmup` (the kernels compiled once
+after installing). Structural checks only: the timings live in benchmarks/ (startup_probe.py, run_bench.py)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from taskvec.cli import main
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", f"{code}\nimport sys\nprint(' '.join(sorted(sys.modules)))"],
+                         capture_output=True, text=True, check=True, timeout=300)
+    return set(out.stdout.split())
+
+
+def test_config_layer_imports_neither_torch_nor_numba_nor_pandas():
+    loaded = _modules_after("import taskvec.config, taskvec.cli")
+    heavy = {"torch", "numba", "pandas", "matplotlib", "seaborn", "transformers"} & loaded
+    assert not heavy, heavy
+
+
+def test_merging_leaves_numba_to_the_first_merge():
+    loaded = _modules_after("import taskvec.merging")
+    assert "torch" in loaded  # the executor's tensors
+    assert not {"numba", "taskvec.methods.fused", "pandas", "matplotlib", "transformers"} & loaded
+
+
+def test_warmup_rejects_bad_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["warmup", "--models", "0"])
+    assert e.value.code == 2 and "--models" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["warmup", "--dtypes", "int8"])
+    assert e.value.code == 2 and "int8" in capsys.readouterr().err
+
+
+def test_warmup_compiles_the_kernels_a_merge_uses():
+    numba = pytest.importorskip("numba")  # noqa: F841
+    from taskvec.methods import fused
+
+    assert fused.warmup(methods=("linear",), n_models=(2,), dtypes=(torch.float32,)) == 1
+    # the weighted-sum kernel now holds a compiled specialisation for two float32 inputs
+    assert any(len(sig[0]) == 2 for sig in fused._weighted_sum.signatures)
