@@ -15,10 +15,17 @@ or float32) and do the whole method per entry, in two parallel passes:
      + theta_0, rounded to the output dtype (bf16 round-to-nearest-even, as torch),
      branch-free so LLVM vectorises it.
 
-Semantics are exactly those of `ties.combine_deltas` and `sparsify.trim_topk`
-(a test compares the two paths bit for bit). `taskvec.merging.merge` uses this
-when numba is installed and a tensor has at least FUSED_MIN entries; otherwise
-the eager torch kernels run. Compiled kernels are cached on disk by numba.
+DARE replaces the trim by a drop whose draw is computed per entry in a register
+(the counter-based stream of `taskvec.methods.dare`), so no uniform array is drawn
+or stored; mergekit's L1 rescale takes one more pass of exact integer sums. Linear
+averaging is one pass; SLERP two (float64 dot product and norms, then the combination).
+
+Semantics are exactly those of `ties.combine_deltas`, `sparsify.trim_topk`,
+`dare.dare_drop`, `arithmetic.linear_average` and `slerp.slerp` (tests compare the
+paths bit for bit). `taskvec.merging.merge` uses this when numba is installed and a
+tensor has at least FUSED_MIN entries; otherwise the eager torch kernels run.
+Compiled kernels are cached on disk by numba; `taskvec warmup` (`warmup`) fills that
+cache once, so the first merge after installing does not compile.
 """
 from __future__ import annotations
 
