@@ -118,13 +118,13 @@ def warmup(argv: list[str]) -> int:
     bad = [d for d in args.dtypes.split(",") if d not in names]
     if bad:
         p.error(f"--dtypes: unknown {bad}; use {', '.join(names)}")
-    from taskvec.methods import fused
+    from taskvec.methods import fused, warmup as kernels
 
     if not fused.AVAILABLE:
         print("taskvec warmup: numba is not installed; merges use the torch kernels (nothing to compile)")
         return 0
     t0 = time.perf_counter()
-    runs = fused.warmup(n_models=n_models, dtypes=tuple(names[d] for d in args.dtypes.split(",")))
+    runs = kernels.warmup(n_models=n_models, dtypes=tuple(names[d] for d in args.dtypes.split(",")))
     print(f"taskvec warmup: {runs} synthetic merges ran; their kernels are cached ({time.perf_counter() - t0:.1f} s)")
     return 0
 

@@ -40,8 +40,8 @@ def test_warmup_rejects_bad_options(capsys):
 
 def test_warmup_compiles_the_kernels_a_merge_uses():
     numba = pytest.importorskip("numba")  # noqa: F841
-    from taskvec.methods import fused
+    from taskvec.methods import fused, warmup
 
-    assert fused.warmup(methods=("linear",), n_models=(2,), dtypes=(torch.float32,)) == 1
+    assert warmup.warmup(methods=("linear",), n_models=(2,), dtypes=(torch.float32,)) == 1
     # the weighted-sum kernel now holds a compiled specialisation for two float32 inputs
     assert any(len(sig[0]) == 2 for sig in fused._weighted_sum.signatures)
