@@ -7,6 +7,13 @@
 The entropy is minimised on the **validation** inputs (labels dropped) by default, so the test accuracy in
 the table is held out, like λ chosen on validation for task arithmetic; ``inputs="test"`` is the paper's
 transductive setting (unlabeled test inputs). Every row says which one it used.
+
+Measured on the fast zoo (200 test examples per task, validation inputs, 40 Adam steps, lr 1e-2, batches
+of 16), mean normalised test accuracy and the paired difference to task arithmetic (λ = 0.5 from
+validation), 95 % intervals: task arithmetic 0.927 [0.901, 0.950]; TIES 0.943, +0.016 [+0.005, +0.027];
+task-wise AdaMerging 0.940, +0.013 [+0.003, +0.024]; layer-wise 0.934, +0.007 [-0.002, +0.016] (within
+noise); layer-wise AdaMerging++ 0.953, +0.027 [+0.013, +0.040]. Cost: ~4 s per step on one free core
+(8 forward/backward passes of MiniLM), several times that on a shared machine.
 """
 from __future__ import annotations
 
