@@ -115,8 +115,9 @@ class SweepResult(AnalysisResult):
         return fig
 
     def heatmap(self, metric: str | None = None, *, x: str | None = None, y: str | None = None,
-                agg: str = "max"):
-        """`metric` over two grid axes; points that differ in other axes are reduced by `agg` (max, mean...)."""
+                agg: str = "max", title: str | None = None):
+        """`metric` over two grid axes; points that differ in other axes are reduced by `agg` (max, mean...).
+        `title` replaces the default (the metric's column name)."""
         from taskvec.viz import heatmap, new_figure, style
 
         metric = self._metric(metric)
@@ -133,7 +134,7 @@ class SweepResult(AnalysisResult):
         note = f" ({agg} over {', '.join(others)})" if others else ""
         with style():
             fig, ax = new_figure(figsize=(1.1 * table.shape[1] + 3.2, 0.6 * table.shape[0] + 2.4))
-            heatmap(ax, table, title=f"{metric}{note}", xlabel=x, ylabel=y, cbar_label=metric, fmt=".3g")
+            heatmap(ax, table, title=(title or metric) + note, xlabel=x, ylabel=y, cbar_label=metric, fmt=".3g")
         return fig
 
     def pareto(self, x: str | None = None, y: str | None = None, *, minimize: Sequence[str] = ("n_models",),

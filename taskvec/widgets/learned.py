@@ -62,6 +62,25 @@ def zoo_forward(lab):
     return forward
 
 
+def unlabeled_entropy(lab, weights, *, split: str = "val", batch_size: int = 64) -> pd.Series:
+    """Mean prediction entropy (nats) of `weights` on every unlabeled `split` input of each task, and their
+    mean over tasks ("mean"): AdaMerging's objective divided by the number of tasks, on all the inputs rather
+    than one batch per step (so a run's start and end compare on the same data)."""
+    from taskvec.eval.statistics import prediction_entropy
+
+    forward = zoo_forward(lab)
+    params = {k: v for k, v in weights.items()}
+    out = {}
+    with torch.no_grad():
+        for task, batches in unlabeled_batches(lab, split=split, batch_size=batch_size).items():
+            sizes = [len(b["input_ids"]) for b in batches]
+            out[task] = sum(float(prediction_entropy(forward(params, b, task))) * n for b, n in zip(batches, sizes)) \
+                / sum(sizes)
+    series = pd.Series(out, name="entropy")
+    series["mean"] = series.mean()
+    return series
+
+
 def learn(lab, *, granularity: str = "layer", vectors: str = "task_arithmetic", inputs: str = "val",
           steps: int = 500, lr: float = 1e-3, batch_size: int = 16, **kw):
     """`taskvec.adamerging` on the lab's fine-tuned tasks (encoder tensors only, frozen heads)."""
