@@ -139,7 +139,7 @@ def adamerging_table(lab, *, fast: bool = True, steps: int | None = None, lr: fl
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """python -m taskvec.widgets.learned [--full-zoo] [--full] [--steps N] [--lr X] [--transductive]"""
+    """`python -m taskvec.widgets.learned [--full-zoo] [--full] [--steps N] [--lr X] [--transductive]`"""
     import argparse
 
     import taskvec.zoo
