@@ -379,3 +379,13 @@ def test_a_killed_sweep_resumes_and_evaluates_only_the_missing_points(tiny, tmp_
     d = pd.read_csv(out / "results.csv")
     assert list(d["density"]) == [0.1, 0.3, 0.5, 0.7, 0.9, 1.0] and d["norm"].notna().all()
     assert int(d["cached"].sum()) == done
+
+
+def test_cli_models_are_labelled_by_folder_name(tiny, tmp_path):
+    """`grid: models:` names a subset by the models' folder names (the config holds relative paths)."""
+    from taskvec.sweeping.cli import read_sweep
+
+    cfg = _write_sweep(tmp_path, tiny, evaluate="  name: zoo", grid="  models: [[a], [a, b]]")
+    spec = read_sweep(cfg)
+    assert list(spec["models"]) == ["a", "b"]
+    assert [os.path.samefile(p, q) for p, q in zip(spec["models"].values(), tiny["models"])] == [True, True]

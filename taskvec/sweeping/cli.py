@@ -49,6 +49,7 @@ def read_sweep(path: str | Path) -> dict[str, Any]:
 
     from taskvec.config.parse import parse_config
     from taskvec.config.plan import _model_path
+    from taskvec.sweeping.engine import model_labels
     from taskvec.methods import get_method
 
     path = Path(path)
@@ -80,6 +81,7 @@ def read_sweep(path: str | Path) -> dict[str, Any]:
         raise _fail(path, "models", "a sweep merges a list of `models:` (slices and modules are not swept)")
     ref = Path(path)
     resolve = {m.model: _model_path(m.model, ref) for m in cfg.models}
+    labels = model_labels([m.model for m in cfg.models])[0]  # folder names: what `grid: models:` and results.csv use
     method = get_method(cfg.merge_method)
     params = {k: _scalar(v, path, f"parameters.{k}") for k, v in cfg.parameters.items()}
     per_model = {k for m in cfg.models for k in m.parameters}
@@ -93,7 +95,8 @@ def read_sweep(path: str | Path) -> dict[str, Any]:
         params["semantics"] = "mergekit"  # the config is a mergekit config: mergekit's weighting, as `taskvec merge`
     options = {k: v for k, v in evaluate.items() if k != "name"}
     return {"base": _model_path(cfg.base_model, ref) if cfg.base_model else None,
-            "models": {m.model: resolve[m.model] for m in cfg.models}, "grid": grid, "method": cfg.merge_method,
+            "models": dict(zip(labels, (resolve[m.model] for m in cfg.models))), "grid": grid,
+            "method": cfg.merge_method,
             "evaluate": evaluate["name"], "evaluate_options": options, "dtype": cfg.out_dtype or cfg.dtype,
             "params": params}
 
