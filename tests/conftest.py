@@ -28,3 +28,12 @@ def tree_hash(*paths) -> dict[str, str]:
 @pytest.fixture
 def hash_tree():
     return tree_hash
+
+
+@pytest.fixture
+def fused_kernels_in_the_caller(monkeypatch):
+    """Tests of the fused kernels themselves: compile in the calling thread, so no torch path stands in
+    while a kernel compiles in the background (TASKVEC_JIT=background)."""
+    from taskvec.methods import fused
+
+    monkeypatch.setattr(fused, "BACKGROUND_JIT", False)

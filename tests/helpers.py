@@ -72,3 +72,8 @@ class OutcomeLab:
         for t in self.tasks:
             out.update(self.correct(self.finetuned(t), split=split, tasks=[t]))
         return out
+
+
+def float_bits(t: torch.Tensor) -> torch.Tensor:
+    """A float tensor's raw bits as an integer view (bit-for-bit comparisons of kernels)."""
+    return t.view({torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[t.dtype])

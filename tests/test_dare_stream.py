@@ -116,16 +116,9 @@ def test_l1_rescale_keeps_the_l1_norm_to_float32_rounding():
 
 numba = pytest.importorskip("numba")
 from taskvec.methods import fused  # noqa: E402  (after the numba check)
+from tests.helpers import float_bits  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def compile_in_the_caller(monkeypatch):
-    """These tests check the kernels themselves: no torch path while a kernel compiles in the background."""
-    monkeypatch.setattr(fused, "BACKGROUND_JIT", False)
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[t.dtype])
+pytestmark = pytest.mark.usefixtures("fused_kernels_in_the_caller")
 
 
 def _inputs(n: int, dtype: torch.dtype, seed: int = 0):
@@ -153,7 +146,7 @@ def test_fused_dare_is_bit_identical_to_torch(dtype, n, method, params, monkeypa
     fast = m.merge_fast(base, models, name="layer.w", checked=checked, out_dtype=dtype)
     assert len(results) == 1 and results[0] is fast  # the fused kernel produced it, not the fallback
     ref = m.merge_checked(base, models, name="layer.w", checked=checked).to(dtype)
-    assert torch.equal(_bits(fast), _bits(ref))
+    assert torch.equal(float_bits(fast), float_bits(ref))
 
 
 def test_fused_dare_does_not_depend_on_the_thread_count():
@@ -168,7 +161,7 @@ def test_fused_dare_does_not_depend_on_the_thread_count():
             outs.append(m.merge_fast(base, models, name="w", checked=checked, out_dtype=torch.bfloat16))
     finally:
         numba.set_num_threads(before)
-    assert torch.equal(_bits(outs[0]), _bits(outs[1]))
+    assert torch.equal(float_bits(outs[0]), float_bits(outs[1]))
 
 
 def test_fused_l1_bins_equal_the_torch_exact_sums():

@@ -13,16 +13,9 @@ from taskvec.methods.slerp import CHUNK, slerp_sums
 
 numba = pytest.importorskip("numba")
 from taskvec.methods import fused  # noqa: E402  (after the numba check)
+from tests.helpers import float_bits  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def compile_in_the_caller(monkeypatch):
-    """These tests check the kernels themselves: no torch path while a kernel compiles in the background."""
-    monkeypatch.setattr(fused, "BACKGROUND_JIT", False)
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[t.dtype])
+pytestmark = pytest.mark.usefixtures("fused_kernels_in_the_caller")
 
 
 def _pair(n: int, dtype: torch.dtype, mix: float, seed: int = 0):
@@ -40,7 +33,7 @@ def test_fused_slerp_is_bit_identical_to_the_torch_reference(dtype, n, t, mix):
     fast = fused.fused_slerp(a, b, t, out_dtype=dtype)
     ref = slerp(t, a, b).to(dtype)
     assert fast is not None and fast.dtype == dtype
-    assert torch.equal(_bits(fast), _bits(ref))
+    assert torch.equal(float_bits(fast), float_bits(ref))
 
 
 def test_merge_fast_takes_the_fused_slerp_path_with_a_base_and_without():
@@ -48,10 +41,10 @@ def test_merge_fast_takes_the_fused_slerp_path_with_a_base_and_without():
     m = get_method("slerp")
     checked = m.check_params(1, has_base=True, t=0.4)
     out = m.merge_fast(a, [b], name="w", checked=checked, out_dtype=torch.bfloat16)
-    assert torch.equal(_bits(out), _bits(slerp(0.4, a, b).to(torch.bfloat16)))
+    assert torch.equal(float_bits(out), float_bits(slerp(0.4, a, b).to(torch.bfloat16)))
     checked = m.check_params(2, has_base=False, t=0.4)
     out = m.merge_fast(None, [a, b], name="w", checked=checked, out_dtype=torch.bfloat16)
-    assert torch.equal(_bits(out), _bits(slerp(0.4, a, b).to(torch.bfloat16)))
+    assert torch.equal(float_bits(out), float_bits(slerp(0.4, a, b).to(torch.bfloat16)))
 
 
 def test_reference_follows_the_formula():

@@ -69,12 +69,11 @@ def unlabeled_entropy(lab, weights, *, split: str = "val", batch_size: int = 64)
     from taskvec.eval.statistics import prediction_entropy
 
     forward = zoo_forward(lab)
-    params = {k: v for k, v in weights.items()}
     out = {}
     with torch.no_grad():
         for task, batches in unlabeled_batches(lab, split=split, batch_size=batch_size).items():
             sizes = [len(b["input_ids"]) for b in batches]
-            out[task] = sum(float(prediction_entropy(forward(params, b, task))) * n for b, n in zip(batches, sizes)) \
+            out[task] = sum(float(prediction_entropy(forward(weights, b, task))) * n for b, n in zip(batches, sizes)) \
                 / sum(sizes)
     series = pd.Series(out, name="entropy")
     series["mean"] = series.mean()
