@@ -299,8 +299,7 @@ def merge(
         if raw:
             b = base_src.get(k) if use_base and base_src is not None else None
             ts = [s.get(k) for s in model_srcs]
-            for t in [b, *ts] if b is not None else ts:
-                _fused().warm_pages(t)  # the page reads happen here, in the loader thread
+            # the finiteness check reads every input entry, so the page reads happen here, in the loader thread
             _check_inputs_finite(k, [(base_src, b), *zip(model_srcs, ts)])
             return b, ts
         b = _load(base_src, k, device) if (use_base or align_vocab) and base_src is not None else None

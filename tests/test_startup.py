@@ -44,4 +44,4 @@ def test_warmup_compiles_the_kernels_a_merge_uses():
 
     assert warmup.warmup(methods=("linear",), n_models=(2,), dtypes=(torch.float32,)) == 1
     # the weighted-sum kernel now holds a compiled specialisation for two float32 inputs
-    assert any(len(sig[0]) == 2 for sig in fused._weighted_sum.signatures)
+    assert any(len(sig[0]) == 2 for kernel in fused._WEIGHTED_SUM.values() for sig in kernel.signatures)

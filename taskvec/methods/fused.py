@@ -255,6 +255,26 @@ if AVAILABLE:
         else:
             out[i] = np.float32(r).view(np.uint32)
 
+    # The linear and plain-sum kernels work in chunks of CHUNK entries: per chunk, one inner loop per model
+    # over that model's contiguous run, accumulating into float32 scratch rows that stay in cache. LLVM
+    # vectorises such loops; indexing the tuple of models per entry (models[j][i], j innermost) it does not:
+    # chunking made linear 2.5x and task arithmetic 1.7x faster (11.5M-entry bf16 tensors, 2 cores). The
+    # election kernels (TIES, DARE-TIES) stay per entry: chunked, they ran no faster (TIES) or 1.35x slower
+    # (DARE-TIES: its 64-bit hash does not vectorise on AVX2, and the scratch rows cost extra passes).
+    # Per entry the operations and their order are unchanged, so results stay bit-identical.
+    CHUNK = 4096
+
+    @njit(inline="always", cache=True)
+    def _scratch():
+        return np.empty(CHUNK, np.float32)
+
+    @njit(inline="always", cache=True)
+    def _base_row(a, m, shift, bv, zeroed):
+        """bv[:m] = the base's float32 values over a chunk; zeroed[:m] = 0."""
+        for i in range(m):
+            bv[i] = _load(a, i, shift)
+            zeroed[i] = np.float32(0.0)
+
     def _make_combine_kernels(out_bf16: bool, dare: bool) -> dict:
         """The three combination kernels, writing bf16 or float32 bit patterns, sparsifying by
         magnitude trim or (`dare`) by DARE's random drop.
@@ -264,24 +284,42 @@ if AVAILABLE:
         vectorisation and costs 3x. One kernel per combination rule for
         the same reason (one kernel switching on the rule ran 2-3x slower)."""
 
+        @njit(inline="always", cache=True)
+        def _sparse_row(a, c0, m, shift, bv, threshold, key, drop, scale, d):
+            """d[:m] = one model's sparsified delta over the chunk starting at entry c0: DARE's drop-and-rescale
+            (`dare`, a compile-time constant) from the counter-based draw of (key, entry), computed here (no
+            stored uniforms), else the magnitude trim (|delta| >= threshold). A product, not a select: a dropped
+            negative entry is -0.0, as in dare_drop."""
+            for i in range(m):
+                x = _load(a, i, shift) - bv[i]
+                if dare:
+                    d[i] = x * (np.float32(_draw(key, c0 + i) >= drop) * scale)
+                else:
+                    d[i] = x * np.float32(_abs_bits(x) >= threshold)
+
         @njit(parallel=True, cache=True)
         def _combine_sum(base, models, shift, thresholds, keys, drops, scales, weights, total, lam, normalize, out,
                          nblk):
             """Plain weighted sum of (trimmed) deltas: task arithmetic, or TIES without election."""
             n_el = base.shape[0]
-            n_mod = len(models)
             step = (n_el + nblk - 1) // nblk
             for blk in prange(nblk):
                 lo = blk * step
                 hi = min(n_el, lo + step)
-                for i in range(lo, hi):
-                    b = _load(base, i, shift)
-                    num = np.float32(0.0)
-                    for j in range(n_mod):
-                        d = _sparse_delta(models, j, i, shift, b, thresholds, keys, drops, scales, dare)
-                        num += d * weights[j]
-                    merged = num / total if normalize else num
-                    _store(out, i, merged * lam + b, out_bf16)
+                bv, d, num = _scratch(), _scratch(), _scratch()
+                for c0 in range(lo, hi, CHUNK):
+                    m = min(hi, c0 + CHUNK) - c0
+                    _base_row(base[c0:c0 + m], m, shift, bv, num)
+                    for j in range(len(models)):
+                        _sparse_row(models[j][c0:c0 + m], c0, m, shift, bv, thresholds[j], keys[j], drops[j],
+                                    scales[j], d)
+                        w = weights[j]
+                        for i in range(m):
+                            num[i] += d[i] * w
+                    o = out[c0:c0 + m]
+                    for i in range(m):
+                        merged = num[i] / total if normalize else num[i]
+                        _store(o, i, merged * lam + bv[i], out_bf16)
 
         @njit(parallel=True, cache=True)
         def _combine_paper(base, models, shift, thresholds, keys, drops, scales, weights, lam, count_vote, normalize,
@@ -351,20 +389,31 @@ if AVAILABLE:
 
 
 if AVAILABLE:
-    @njit(parallel=True, cache=True)
-    def _weighted_sum(models, shift, coefs, out, out_bf16, nblk):
-        """out = sum_j coefs[j] * models[j], accumulated in float32 in model order (as linear_average)."""
-        n_el = out.shape[0]
-        n_mod = len(models)
-        step = (n_el + nblk - 1) // nblk
-        for blk in prange(nblk):
-            lo = blk * step
-            hi = min(n_el, lo + step)
-            for i in range(lo, hi):
-                acc = np.float32(0.0)
-                for j in range(n_mod):
-                    acc += coefs[j] * _load(models[j], i, shift)
-                _store(out, i, acc, out_bf16)
+    def _make_weighted_sum(out_bf16: bool):
+        @njit(parallel=True, cache=True)
+        def _weighted_sum(models, shift, coefs, out, nblk):
+            """out = sum_j coefs[j] * models[j], accumulated in float32 in model order (as linear_average)."""
+            n_el = out.shape[0]
+            step = (n_el + nblk - 1) // nblk
+            for blk in prange(nblk):
+                lo = blk * step
+                hi = min(n_el, lo + step)
+                acc = _scratch()
+                for c0 in range(lo, hi, CHUNK):
+                    m = min(hi, c0 + CHUNK) - c0
+                    for i in range(m):
+                        acc[i] = np.float32(0.0)
+                    for j in range(len(models)):
+                        a = models[j][c0:c0 + m]
+                        c = coefs[j]
+                        for i in range(m):
+                            acc[i] += c * _load(a, i, shift)
+                    o = out[c0:c0 + m]
+                    for i in range(m):
+                        _store(o, i, acc[i], out_bf16)
+        return _weighted_sum
+
+    _WEIGHTED_SUM = {o: _make_weighted_sum(o) for o in (True, False)}
 
 
 if AVAILABLE:
@@ -639,7 +688,7 @@ def fused_linear(tensors: list[torch.Tensor], weights: list[float], *, normalize
     out_bf16 = out_dtype == torch.bfloat16
     result = torch.empty(tensors[0].shape, dtype=torch.bfloat16 if out_bf16 else torch.float32)
     out = result.reshape(-1).view(torch.int16 if out_bf16 else torch.int32).numpy()
-    _weighted_sum(ms, np.uint32(16 if bf16 else 0), coefs, out.view(np.uint16 if out_bf16 else np.uint32), out_bf16, nblk)
+    _WEIGHTED_SUM[out_bf16](ms, np.uint32(16 if bf16 else 0), coefs, out.view(np.uint16 if out_bf16 else np.uint32), nblk)
     return result if out_dtype != torch.float16 else result.to(torch.float16)
 
 def fused_slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, *, out_dtype: torch.dtype,
@@ -673,11 +722,3 @@ def fused_slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, *, out_dtype: torc
     _combine2(a, b, shift, np.float32(c0), np.float32(c1), out.view(np.uint16 if out_bf16 else np.uint32),
               out_bf16, nblk)
     return result if out_dtype != torch.float16 else result.to(torch.float16)
-
-
-def warm_pages(t: torch.Tensor) -> None:
-    """Touch one element per 4 KiB page so a memory-mapped tensor is read in this (loader) thread."""
-    flat = t.reshape(-1)
-    step = max(1, 4096 // max(1, flat.element_size()))
-    if flat.numel():
-        float(flat[::step].float().sum()) if flat.is_floating_point() else None
