@@ -45,3 +45,31 @@ def test_warmup_compiles_the_kernels_a_merge_uses():
     assert warmup.warmup(methods=("linear",), n_models=(2,), dtypes=(torch.float32,)) == 1
     # the weighted-sum kernel now holds a compiled specialisation for two float32 inputs
     assert any(len(sig[0]) == 2 for kernel in fused._WEIGHTED_SUM.values() for sig in kernel.signatures)
+
+
+_CACHE_PROBE = """
+import torch
+from numba.core.dispatcher import Dispatcher
+from taskvec.methods import fused, warmup
+warmup.warmup(methods=("linear", "task_arithmetic"), n_models=(1,), dtypes=(torch.float32,))
+kernels = [v for v in vars(fused).values() if isinstance(v, Dispatcher)]
+kernels += list(fused._WEIGHTED_SUM.values()) + [k for rules in fused._COMBINE.values() for k in rules.values()]
+print(sum(sum(k.stats.cache_misses.values()) for k in kernels), sum(sum(k.stats.cache_hits.values()) for k in kernels))
+"""
+
+
+def test_a_second_process_loads_every_kernel_from_the_cache(tmp_path):
+    # numba silently recompiles (seconds per kernel, every run) a kernel it can't cache, e.g. one whose
+    # closure holds another jitted function; a warm second process must load everything
+    pytest.importorskip("numba")
+    env = {**__import__("os").environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+
+    def run() -> tuple[int, int]:
+        out = subprocess.run([sys.executable, "-c", _CACHE_PROBE], capture_output=True, text=True, env=env,
+                             check=True, timeout=600)
+        misses, hits = out.stdout.split()[-2:]
+        return int(misses), int(hits)
+
+    first_misses, _ = run()
+    misses, hits = run()
+    assert first_misses > 0 and misses == 0 and hits >= first_misses

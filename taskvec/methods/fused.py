@@ -156,12 +156,13 @@ if AVAILABLE:
         """Per model: how many |delta| bit patterns lie above hi[j], and those within [lo[j], hi[j]].
 
         Per chunk of 2048 entries, a vectorised loop computes the bit patterns and the count
-        above, then a scalar scan of that cached chunk picks out the rare (~2 %) in-bracket ones."""
+        above, then a scan of that cached chunk compacts the in-bracket ones (a few %) into `cand`.
+        found[blk, j] > cap: the block's capacity was too small."""
         n_el = base.shape[0]
         n_mod = len(models)
         above = np.zeros((nblk, n_mod), np.int64)
         found = np.zeros((nblk, n_mod), np.int64)
-        cand = np.empty((nblk, n_mod, cap), np.uint32)
+        cand = np.empty((nblk, n_mod, cap + 1), np.uint32)  # slot cap: where overflowing entries land
         step = (n_el + nblk - 1) // nblk
         chunk = 2048
         for blk in prange(nblk):
@@ -175,16 +176,16 @@ if AVAILABLE:
                 n_found = 0
                 for c0 in range(start, stop, chunk):
                     m = min(chunk, stop - c0)
+                    a = models[j][c0:c0 + m]  # chunk views indexed from 0: LLVM vectorises this loop, not c0 + k
+                    bb = base[c0:c0 + m]
                     for k in range(m):
-                        bits = _abs_bits(_load(models[j], c0 + k, shift) - _load(base, c0 + k, shift))
+                        bits = _abs_bits(_load(a, k, shift) - _load(bb, k, shift))
                         buf[k] = bits
                         n_above += bits > hi_j
-                    for k in range(m):
+                    for k in range(m):  # branch-free compaction: always store, advance only when inside
                         v = buf[k]
-                        if np.uint32(v - lo_j) <= width:  # lo_j <= v <= hi_j in one unsigned compare
-                            if n_found < cap:
-                                cand[blk, j, n_found] = v
-                            n_found += 1
+                        cand[blk, j, min(n_found, cap)] = v
+                        n_found += np.uint32(v - lo_j) <= width  # lo_j <= v <= hi_j in one unsigned compare
                 above[blk, j] = n_above
                 found[blk, j] = n_found
         return above.sum(axis=0), found, cand
@@ -275,6 +276,20 @@ if AVAILABLE:
             bv[i] = _load(a, i, shift)
             zeroed[i] = np.float32(0.0)
 
+    @njit(inline="always", cache=True)
+    def _sparse_row(a, c0, m, shift, bv, threshold, key, drop, scale, d, dare):
+        """d[:m] = one model's sparsified delta over the chunk starting at entry c0: DARE's drop-and-rescale
+        (`dare`, a compile-time constant at every call) from the counter-based draw of (key, entry), computed
+        here (no stored uniforms), else the magnitude trim (|delta| >= threshold). A product, not a select: a
+        dropped negative entry is -0.0, as in dare_drop. Module level, like every helper a kernel calls: numba
+        does not cache a kernel whose closure holds another jitted function (it recompiled on every run)."""
+        for i in range(m):
+            x = _load(a, i, shift) - bv[i]
+            if dare:
+                d[i] = x * (np.float32(_draw(key, c0 + i) >= drop) * scale)
+            else:
+                d[i] = x * np.float32(_abs_bits(x) >= threshold)
+
     def _make_combine_kernels(out_bf16: bool, dare: bool) -> dict:
         """The three combination kernels, writing bf16 or float32 bit patterns, sparsifying by
         magnitude trim or (`dare`) by DARE's random drop.
@@ -283,19 +298,6 @@ if AVAILABLE:
         stable), which lets numba fold their branches away: a runtime branch there stops
         vectorisation and costs 3x. One kernel per combination rule for
         the same reason (one kernel switching on the rule ran 2-3x slower)."""
-
-        @njit(inline="always", cache=True)
-        def _sparse_row(a, c0, m, shift, bv, threshold, key, drop, scale, d):
-            """d[:m] = one model's sparsified delta over the chunk starting at entry c0: DARE's drop-and-rescale
-            (`dare`, a compile-time constant) from the counter-based draw of (key, entry), computed here (no
-            stored uniforms), else the magnitude trim (|delta| >= threshold). A product, not a select: a dropped
-            negative entry is -0.0, as in dare_drop."""
-            for i in range(m):
-                x = _load(a, i, shift) - bv[i]
-                if dare:
-                    d[i] = x * (np.float32(_draw(key, c0 + i) >= drop) * scale)
-                else:
-                    d[i] = x * np.float32(_abs_bits(x) >= threshold)
 
         @njit(parallel=True, cache=True)
         def _combine_sum(base, models, shift, thresholds, keys, drops, scales, weights, total, lam, normalize, out,
@@ -312,7 +314,7 @@ if AVAILABLE:
                     _base_row(base[c0:c0 + m], m, shift, bv, num)
                     for j in range(len(models)):
                         _sparse_row(models[j][c0:c0 + m], c0, m, shift, bv, thresholds[j], keys[j], drops[j],
-                                    scales[j], d)
+                                    scales[j], d, dare)
                         w = weights[j]
                         for i in range(m):
                             num[i] += d[i] * w
@@ -535,7 +537,16 @@ def _threshold_by_bracket(base, models, shift, ks, nblk) -> np.ndarray | None:
         a, z = int(q * _SAMPLE - margin), int(q * _SAMPLE + margin)
         lo[j] = samples[j][a] if a > 0 else 0
         hi[j] = samples[j][z] if z < _SAMPLE else 0xFFFFFFFF
-    cap = int(2 * (n / nblk) * (2 * 6.0 * 0.5 / math.sqrt(_SAMPLE))) + 4096  # ~2x the expected bracket size
+    # Expected share of entries inside [lo, hi], counted on the sample itself: bf16 deltas tie a lot (at 1.1B,
+    # 2.5 % of a tensor's |delta| equal its k-th largest), and every entry equal to lo or hi is inside.
+    # Capacity: twice that (plus its sampling error), per block; np.empty commits only the pages written.
+    share = max((np.searchsorted(s, h, "right") - np.searchsorted(s, l, "left")) / _SAMPLE
+                for s, l, h in zip(samples, lo, hi))
+    share += 6.0 * math.sqrt(share * (1.0 - share) / _SAMPLE) + 16 / _SAMPLE
+    if share > 0.25:  # a tie that large (say most deltas exactly 0): the radix histograms are cheaper
+        return None
+    step = -(-n // nblk)
+    cap = min(step, int(2 * share * step) + 4096)
     above, found, cand = _bracket(base, models, shift, lo, hi, cap, nblk)
     out = np.zeros(len(models), np.uint32)
     for j, k in enumerate(ks):
