@@ -243,7 +243,7 @@ if AVAILABLE:
                     bits = _abs_bits(_load(models[j], i, shift) - b)
                     e = bits >> np.uint32(23)
                     m = np.int64((bits & np.uint32(0x7FFFFF)) | (np.uint32(e > 0) << np.uint32(23)))
-                    s = max(np.int64(e) - 1, 0)
+                    s = min(max(np.int64(e) - 1, 0), 253)  # 253: an overflowing (inf) delta stays in bounds
                     bins[blk, j, 0, s] += m
                     if _draw(keys[j], i) >= drops[j]:
                         bins[blk, j, 1, s] += m
