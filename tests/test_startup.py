@@ -2,6 +2,7 @@
 after installing). Structural checks only: the timings live in benchmarks/ (startup_probe.py, run_bench.py)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -62,7 +63,7 @@ def test_a_second_process_loads_every_kernel_from_the_cache(tmp_path):
     # numba silently recompiles (seconds per kernel, every run) a kernel it can't cache, e.g. one whose
     # closure holds another jitted function; a warm second process must load everything
     pytest.importorskip("numba")
-    env = {**__import__("os").environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
 
     def run() -> tuple[int, int]:
         out = subprocess.run([sys.executable, "-c", _CACHE_PROBE], capture_output=True, text=True, env=env,
