@@ -203,12 +203,6 @@ if AVAILABLE:
         return out
 
     @njit(inline="always", cache=True)
-    def _trimmed(models, j, i, shift, b, thresholds):
-        """theta_j - theta_0 where |.| >= the model's threshold, else 0."""
-        d = _load(models[j], i, shift) - b
-        return d * np.float32(_abs_bits(d) >= thresholds[j])
-
-    @njit(inline="always", cache=True)
     def _draw(key, i):
         """Entry i's 24-bit DARE draw: output i of SplitMix64 started at `key`, top 24 bits (see dare.py)."""
         z = key + (np.uint64(i) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
@@ -217,14 +211,18 @@ if AVAILABLE:
         return (z ^ (z >> np.uint64(31))) >> np.uint64(40)
 
     @njit(inline="always", cache=True)
-    def _sparse_delta(models, j, i, shift, b, thresholds, keys, drops, scales, dare):
-        """Model j's sparsified delta at entry i: DARE's drop-and-rescale (`dare`, a compile-time
-        constant) from the counter-based draw of (key, i), computed here (no stored uniforms),
-        else the magnitude trim. A product, not a select: a dropped negative entry is -0.0, as in dare_drop."""
+    def _sparsify(x, i, threshold, key, drop, scale, dare):
+        """Entry i's delta x sparsified: DARE's drop-and-rescale (`dare`, a compile-time constant) from the
+        counter-based draw of (key, i), computed here (no stored uniforms), else the magnitude trim
+        (|x| >= threshold). A product, not a select: a dropped negative entry is -0.0, as in dare_drop."""
         if dare:
-            d = _load(models[j], i, shift) - b
-            return d * (np.float32(_draw(keys[j], i) >= drops[j]) * scales[j])
-        return _trimmed(models, j, i, shift, b, thresholds)
+            return x * (np.float32(_draw(key, i) >= drop) * scale)
+        return x * np.float32(_abs_bits(x) >= threshold)
+
+    @njit(inline="always", cache=True)
+    def _sparse_delta(models, j, i, shift, b, thresholds, keys, drops, scales, dare):
+        """Model j's sparsified delta at entry i (`_sparsify`)."""
+        return _sparsify(_load(models[j], i, shift) - b, i, thresholds[j], keys[j], drops[j], scales[j], dare)
 
     @njit(parallel=True, cache=True)
     def _dare_l1_bins(base, models, shift, keys, drops, nblk):
@@ -278,17 +276,11 @@ if AVAILABLE:
 
     @njit(inline="always", cache=True)
     def _sparse_row(a, c0, m, shift, bv, threshold, key, drop, scale, d, dare):
-        """d[:m] = one model's sparsified delta over the chunk starting at entry c0: DARE's drop-and-rescale
-        (`dare`, a compile-time constant at every call) from the counter-based draw of (key, entry), computed
-        here (no stored uniforms), else the magnitude trim (|delta| >= threshold). A product, not a select: a
-        dropped negative entry is -0.0, as in dare_drop. Module level, like every helper a kernel calls: numba
-        does not cache a kernel whose closure holds another jitted function (it recompiled on every run)."""
+        """d[:m] = one model's sparsified delta (`_sparsify`) over the chunk starting at entry c0. Module level,
+        like every helper a kernel calls: numba does not cache a kernel whose closure holds another jitted
+        function (it recompiled on every run)."""
         for i in range(m):
-            x = _load(a, i, shift) - bv[i]
-            if dare:
-                d[i] = x * (np.float32(_draw(key, c0 + i) >= drop) * scale)
-            else:
-                d[i] = x * np.float32(_abs_bits(x) >= threshold)
+            d[i] = _sparsify(_load(a, i, shift) - bv[i], c0 + i, threshold, key, drop, scale, dare)
 
     def _make_combine_kernels(out_bf16: bool, dare: bool) -> dict:
         """The three combination kernels, writing bf16 or float32 bit patterns, sparsifying by
