@@ -20,8 +20,9 @@ N = 1 << 16  # fused.FUSED_MIN: the smallest tensor the fused path takes
 
 @pytest.fixture
 def histograms_used(monkeypatch):
-    """Take the bracketed selection at this small size, and count the histogram passes."""
+    """Take the bracketed selection at this small size, in several blocks, and count the histogram passes."""
     monkeypatch.setattr(fused, "_BRACKET_MIN", 4096)
+    monkeypatch.setattr(fused, "BLOCK_MIN", 4096)
     calls = []
     real = fused._hist_high
 
@@ -43,7 +44,7 @@ def selected_bits(base, models, densities):
     b = fused._as_bits(base, bf16)
     ms = tuple(fused._as_bits(t, bf16) for t in models)
     ks = [keep_count(N, d) for d in densities]
-    return fused.threshold_bits(b, ms, np.uint32(16 if bf16 else 0), ks, 2), ks
+    return fused.threshold_bits(b, ms, np.uint32(16 if bf16 else 0), ks), ks
 
 
 def test_bracket_missing_on_ties_falls_back_to_histograms(histograms_used):

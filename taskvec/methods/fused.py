@@ -32,19 +32,14 @@ from __future__ import annotations
 import math
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-# numba's OpenMP pool is a second runtime beside torch's (already initialised by now); left at the default
-# policy its threads spin after every kernel and take the cores from torch's evaluations that follow a merge
-# in the same process (measured: later forward passes several times slower on 2 cores). Sleeping instead
-# costs a futex wake per kernel launch. An explicit OMP_WAIT_POLICY from the user wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 try:  # optional accelerator
     import numba
-    from numba import njit, prange
+    from numba import njit
 except ImportError:  # pragma: no cover - exercised where numba is absent
     numba = None
 
@@ -92,6 +87,40 @@ def kernels_ready(spec: tuple, warm) -> bool:
 
 MODE_SUM, MODE_PAPER, MODE_MERGEKIT = 0, 1, 2
 
+# The kernels are serial and release the GIL (nogil); a pool of torch.get_num_threads() threads runs each over
+# blocks of entries. numba's own parallel=True (prange) compiled a kernel 2-3x slower (parfor lowering: 3.5 s
+# against 1.6 s for the weighted sum, measured on 2 cores) and ran it no faster, and the first merge after
+# installing pays every compile. Each block's work is the same as in one serial pass, so results do not depend
+# on the thread count.
+BLOCK_MIN = 1 << 16  # entries per block at least
+_POOL: ThreadPoolExecutor | None = None
+_POOL_THREADS = 0
+_POOL_LOCK = threading.Lock()
+
+
+def _blocks(n: int, align: int = 1) -> list[tuple[int, int]]:
+    """[lo, hi) ranges covering n entries: up to 4 per thread (load balance), each at least BLOCK_MIN entries
+    long, boundaries on multiples of `align`."""
+    nblk = max(1, min(4 * torch.get_num_threads(), n // BLOCK_MIN))
+    step = -(-max(n, 1) // nblk)
+    step = -(-step // align) * align
+    return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+
+
+def _over_blocks(fn, blocks: list[tuple[int, int]]) -> list:
+    """[fn(lo, hi) for each block], in block order, spread over the kernel threads."""
+    global _POOL, _POOL_THREADS
+    threads = torch.get_num_threads()
+    if len(blocks) <= 1 or threads <= 1:
+        return [fn(lo, hi) for lo, hi in blocks]
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_THREADS != threads:
+            if _POOL is not None:
+                _POOL.shutdown(wait=False)
+            _POOL, _POOL_THREADS = ThreadPoolExecutor(threads, thread_name_prefix="taskvec-kernel"), threads
+        pool = _POOL
+    return list(pool.map(lambda block: fn(*block), blocks))
+
 if AVAILABLE:
     # Inputs arrive as unsigned-integer bit patterns: uint16 for bf16 (shift 16 rebuilds the float32
     # bits), uint32 for float32 (shift 0). One kernel source, specialised by numba per array dtype.
@@ -119,88 +148,70 @@ if AVAILABLE:
         quiet_nan = (u >> np.uint32(16)) | np.uint32(0x40)
         return np.uint16(quiet_nan if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded)
 
-    @njit(parallel=True, cache=True)
-    def _hist_high(base, models, shift, nblk):
-        n_el = base.shape[0]
-        n_mod = len(models)
-        hist = np.zeros((nblk, n_mod, 32768), np.int64)
-        step = (n_el + nblk - 1) // nblk
-        for blk in prange(nblk):
-            lo = blk * step
-            hi = min(n_el, lo + step)
-            for i in range(lo, hi):
-                b = _load(base, i, shift)
-                for j in range(n_mod):
-                    hist[blk, j, _abs_bits(_load(models[j], i, shift) - b) >> np.uint32(16)] += 1
-        return hist.sum(axis=0)
+    @njit(nogil=True, cache=True)
+    def _hist_high(base, models, shift, lo, hi):
+        """Per model, the histogram of the high 16 bits of |delta| over entries [lo, hi)."""
+        hist = np.zeros((len(models), 32768), np.int64)
+        for i in range(lo, hi):
+            b = _load(base, i, shift)
+            for j in range(len(models)):
+                hist[j, _abs_bits(_load(models[j], i, shift) - b) >> np.uint32(16)] += 1
+        return hist
 
-    @njit(parallel=True, cache=True)
-    def _hist_low(base, models, shift, bins, nblk):
-        n_el = base.shape[0]
-        n_mod = len(models)
-        hist = np.zeros((nblk, n_mod, 65536), np.int64)
-        step = (n_el + nblk - 1) // nblk
-        for blk in prange(nblk):
-            lo = blk * step
-            hi = min(n_el, lo + step)
-            for i in range(lo, hi):
-                b = _load(base, i, shift)
-                for j in range(n_mod):
-                    bits = _abs_bits(_load(models[j], i, shift) - b)
-                    if (bits >> np.uint32(16)) == bins[j]:
-                        hist[blk, j, bits & np.uint32(0xFFFF)] += 1
-        return hist.sum(axis=0)
+    @njit(nogil=True, cache=True)
+    def _hist_low(base, models, shift, bins, lo, hi):
+        """Per model, the histogram of the low 16 bits of the |delta| whose high bits are bins[j], over [lo, hi)."""
+        hist = np.zeros((len(models), 65536), np.int64)
+        for i in range(lo, hi):
+            b = _load(base, i, shift)
+            for j in range(len(models)):
+                bits = _abs_bits(_load(models[j], i, shift) - b)
+                if (bits >> np.uint32(16)) == bins[j]:
+                    hist[j, bits & np.uint32(0xFFFF)] += 1
+        return hist
 
-    @njit(parallel=True, cache=True)
-    def _bracket(base, models, shift, lo, hi, cap, nblk):
-        """Per model: how many |delta| bit patterns lie above hi[j], and those within [lo[j], hi[j]].
+    @njit(nogil=True, cache=True)
+    def _bracket(base, models, shift, lo, hi, cap, start, stop):
+        """Per model, over entries [start, stop): how many |delta| bit patterns lie above hi[j], and those
+        within [lo[j], hi[j]].
 
         Per chunk of 2048 entries, a vectorised loop computes the bit patterns and the count
         above, then a scan of that cached chunk compacts the in-bracket ones (a few %) into `cand`.
-        found[blk, j] > cap: the block's capacity was too small."""
-        n_el = base.shape[0]
+        found[j] > cap: the capacity was too small."""
         n_mod = len(models)
-        above = np.zeros((nblk, n_mod), np.int64)
-        found = np.zeros((nblk, n_mod), np.int64)
-        cand = np.empty((nblk, n_mod, cap + 1), np.uint32)  # slot cap: where overflowing entries land
-        step = (n_el + nblk - 1) // nblk
+        above = np.zeros(n_mod, np.int64)
+        found = np.zeros(n_mod, np.int64)
+        cand = np.empty((n_mod, cap + 1), np.uint32)  # slot cap: where overflowing entries land
         chunk = 2048
-        for blk in prange(nblk):
-            start = blk * step
-            stop = min(n_el, start + step)
-            buf = np.empty(chunk, np.uint32)
-            for j in range(n_mod):  # one model at a time keeps the counters in registers
-                lo_j, hi_j = lo[j], hi[j]
-                width = hi_j - lo_j
-                n_above = 0
-                n_found = 0
-                for c0 in range(start, stop, chunk):
-                    m = min(chunk, stop - c0)
-                    a = models[j][c0:c0 + m]  # chunk views indexed from 0: LLVM vectorises this loop, not c0 + k
-                    bb = base[c0:c0 + m]
-                    for k in range(m):
-                        bits = _abs_bits(_load(a, k, shift) - _load(bb, k, shift))
-                        buf[k] = bits
-                        n_above += bits > hi_j
-                    for k in range(m):  # branch-free compaction: always store, advance only when inside
-                        v = buf[k]
-                        cand[blk, j, min(n_found, cap)] = v
-                        n_found += np.uint32(v - lo_j) <= width  # lo_j <= v <= hi_j in one unsigned compare
-                above[blk, j] = n_above
-                found[blk, j] = n_found
-        return above.sum(axis=0), found, cand
+        buf = np.empty(chunk, np.uint32)
+        for j in range(n_mod):  # one model at a time keeps the counters in registers
+            lo_j, hi_j = lo[j], hi[j]
+            width = hi_j - lo_j
+            n_above = 0
+            n_found = 0
+            for c0 in range(start, stop, chunk):
+                m = min(chunk, stop - c0)
+                a = models[j][c0:c0 + m]  # chunk views indexed from 0: LLVM vectorises this loop, not c0 + k
+                bb = base[c0:c0 + m]
+                for k in range(m):
+                    bits = _abs_bits(_load(a, k, shift) - _load(bb, k, shift))
+                    buf[k] = bits
+                    n_above += bits > hi_j
+                for k in range(m):  # branch-free compaction: always store, advance only when inside
+                    v = buf[k]
+                    cand[j, min(n_found, cap)] = v
+                    n_found += np.uint32(v - lo_j) <= width  # lo_j <= v <= hi_j in one unsigned compare
+            above[j] = n_above
+            found[j] = n_found
+        return above, found, cand
 
-    @njit(parallel=True, cache=True)
-    def _abs_delta_bits(base, models, shift):
-        """|theta_j - theta_0| as float32 bit patterns, one row per model (for small tensors)."""
-        n_el = base.shape[0]
-        n_mod = len(models)
-        out = np.empty((n_mod, n_el), np.uint32)
-        for i in prange(n_el):
+    @njit(nogil=True, cache=True)
+    def _abs_delta_bits(base, models, shift, out, lo, hi):
+        """out[j, i] = |theta_j - theta_0| at entry i as float32 bit patterns, over [lo, hi) (small tensors)."""
+        for i in range(lo, hi):
             b = _load(base, i, shift)
-            for j in range(n_mod):
+            for j in range(len(models)):
                 out[j, i] = _abs_bits(_load(models[j], i, shift) - b)
-        return out
 
     @njit(inline="always", cache=True)
     def _draw(key, i):
@@ -224,28 +235,22 @@ if AVAILABLE:
         """Model j's sparsified delta at entry i (`_sparsify`)."""
         return _sparsify(_load(models[j], i, shift) - b, i, thresholds[j], keys[j], drops[j], scales[j], dare)
 
-    @njit(parallel=True, cache=True)
-    def _dare_l1_bins(base, models, shift, keys, drops, nblk):
-        """Per model, the exact L1 sums of delta and of its DARE survivors as per-exponent mantissa sums
-        (`dare.l1_bins`): integers, so the per-thread split does not change them."""
-        n_el = base.shape[0]
-        n_mod = len(models)
-        bins = np.zeros((nblk, n_mod, 2, 254), np.int64)
-        step = (n_el + nblk - 1) // nblk
-        for blk in prange(nblk):
-            lo = blk * step
-            hi = min(n_el, lo + step)
-            for i in range(lo, hi):
-                b = _load(base, i, shift)
-                for j in range(n_mod):
-                    bits = _abs_bits(_load(models[j], i, shift) - b)
-                    e = bits >> np.uint32(23)
-                    m = np.int64((bits & np.uint32(0x7FFFFF)) | (np.uint32(e > 0) << np.uint32(23)))
-                    s = min(max(np.int64(e) - 1, 0), 253)  # 253: an overflowing (inf) delta stays in bounds
-                    bins[blk, j, 0, s] += m
-                    if _draw(keys[j], i) >= drops[j]:
-                        bins[blk, j, 1, s] += m
-        return bins.sum(axis=0)
+    @njit(nogil=True, cache=True)
+    def _dare_l1_bins(base, models, shift, keys, drops, lo, hi):
+        """Per model, over entries [lo, hi), the exact L1 sums of delta and of its DARE survivors as
+        per-exponent mantissa sums (`dare.l1_bins`): integers, so the per-block split does not change them."""
+        bins = np.zeros((len(models), 2, 254), np.int64)
+        for i in range(lo, hi):
+            b = _load(base, i, shift)
+            for j in range(len(models)):
+                bits = _abs_bits(_load(models[j], i, shift) - b)
+                e = bits >> np.uint32(23)
+                m = np.int64((bits & np.uint32(0x7FFFFF)) | (np.uint32(e > 0) << np.uint32(23)))
+                s = min(max(np.int64(e) - 1, 0), 253)  # 253: an overflowing (inf) delta stays in bounds
+                bins[j, 0, s] += m
+                if _draw(keys[j], i) >= drops[j]:
+                    bins[j, 1, s] += m
+        return bins
 
     @njit(inline="always", cache=True)
     def _store(out, i, r, out_bf16):
@@ -291,91 +296,76 @@ if AVAILABLE:
         vectorisation and costs 3x. One kernel per combination rule for
         the same reason (one kernel switching on the rule ran 2-3x slower)."""
 
-        @njit(parallel=True, cache=True)
+        @njit(nogil=True, cache=True)
         def _combine_sum(base, models, shift, thresholds, keys, drops, scales, weights, total, lam, normalize, out,
-                         nblk):
+                         lo, hi):
             """Plain weighted sum of (trimmed) deltas: task arithmetic, or TIES without election."""
-            n_el = base.shape[0]
-            step = (n_el + nblk - 1) // nblk
-            for blk in prange(nblk):
-                lo = blk * step
-                hi = min(n_el, lo + step)
-                bv, d, num = _scratch(), _scratch(), _scratch()
-                for c0 in range(lo, hi, CHUNK):
-                    m = min(hi, c0 + CHUNK) - c0
-                    _base_row(base[c0:c0 + m], m, shift, bv, num)
-                    for j in range(len(models)):
-                        _sparse_row(models[j][c0:c0 + m], c0, m, shift, bv, thresholds[j], keys[j], drops[j],
-                                    scales[j], d, dare)
-                        w = weights[j]
-                        for i in range(m):
-                            num[i] += d[i] * w
-                    o = out[c0:c0 + m]
+            bv, d, num = _scratch(), _scratch(), _scratch()
+            for c0 in range(lo, hi, CHUNK):
+                m = min(hi, c0 + CHUNK) - c0
+                _base_row(base[c0:c0 + m], m, shift, bv, num)
+                for j in range(len(models)):
+                    _sparse_row(models[j][c0:c0 + m], c0, m, shift, bv, thresholds[j], keys[j], drops[j],
+                                scales[j], d, dare)
+                    w = weights[j]
                     for i in range(m):
-                        merged = num[i] / total if normalize else num[i]
-                        _store(o, i, merged * lam + bv[i], out_bf16)
+                        num[i] += d[i] * w
+                o = out[c0:c0 + m]
+                for i in range(m):
+                    merged = num[i] / total if normalize else num[i]
+                    _store(o, i, merged * lam + bv[i], out_bf16)
 
-        @njit(parallel=True, cache=True)
+        @njit(nogil=True, cache=True)
         def _combine_paper(base, models, shift, thresholds, keys, drops, scales, weights, lam, count_vote, normalize,
-                           out, nblk):
+                           out, lo, hi):
             """Paper TIES: unweighted election, weights scale agreeing deltas, mean over |A|.
             Trimmed deltas are recomputed in the second loop: a reload is cheaper than a spill."""
-            n_el = base.shape[0]
             n_mod = len(models)
-            step = (n_el + nblk - 1) // nblk
             zero = np.float32(0.0)
             one = np.float32(1.0)
-            for blk in prange(nblk):
-                lo = blk * step
-                hi = min(n_el, lo + step)
-                for i in range(lo, hi):
-                    b = _load(base, i, shift)
-                    vote = zero
-                    for j in range(n_mod):
-                        d = _sparse_delta(models, j, i, shift, b, thresholds, keys, drops, scales, dare)
-                        vote += _sign(d) if count_vote else d
-                    g = _sign(vote)
-                    num = zero
-                    div = zero
-                    for j in range(n_mod):
-                        d = _sparse_delta(models, j, i, shift, b, thresholds, keys, drops, scales, dare)
-                        agree = np.float32(_sign(d) * g > zero)  # same non-zero sign as the elected one
-                        num += d * weights[j] * agree
-                        div += agree
-                    merged = num / max(div, one) if normalize else num
-                    _store(out, i, merged * lam + b, out_bf16)
+            for i in range(lo, hi):
+                b = _load(base, i, shift)
+                vote = zero
+                for j in range(n_mod):
+                    d = _sparse_delta(models, j, i, shift, b, thresholds, keys, drops, scales, dare)
+                    vote += _sign(d) if count_vote else d
+                g = _sign(vote)
+                num = zero
+                div = zero
+                for j in range(n_mod):
+                    d = _sparse_delta(models, j, i, shift, b, thresholds, keys, drops, scales, dare)
+                    agree = np.float32(_sign(d) * g > zero)  # same non-zero sign as the elected one
+                    num += d * weights[j] * agree
+                    div += agree
+                merged = num / max(div, one) if normalize else num
+                _store(out, i, merged * lam + b, out_bf16)
 
-        @njit(parallel=True, cache=True)
+        @njit(nogil=True, cache=True)
         def _combine_mergekit(base, models, shift, thresholds, keys, drops, scales, weights, lam, count_vote,
-                              normalize, out, nblk):
+                              normalize, out, lo, hi):
             """mergekit TIES: weighted election (a zero vote elects +), divide by the agreeing weight."""
-            n_el = base.shape[0]
             n_mod = len(models)
-            step = (n_el + nblk - 1) // nblk
             zero = np.float32(0.0)
             one = np.float32(1.0)
-            for blk in prange(nblk):
-                lo = blk * step
-                hi = min(n_el, lo + step)
-                for i in range(lo, hi):
-                    b = _load(base, i, shift)
-                    vote = zero
-                    for j in range(n_mod):
-                        d = _sparse_delta(models, j, i, shift, b, thresholds, keys, drops, scales, dare)
-                        d = d * weights[j]
-                        vote += _sign(d) if count_vote else d
-                    g = one - np.float32(2.0) * np.float32(vote < zero)
-                    num = zero
-                    div = zero
-                    for j in range(n_mod):
-                        d = _sparse_delta(models, j, i, shift, b, thresholds, keys, drops, scales, dare)
-                        d = d * weights[j]
-                        agree = np.float32(_sign(d) == g)
-                        num += d * agree
-                        div += weights[j] * agree
-                    div += np.float32(div == zero)
-                    merged = num / div if normalize else num
-                    _store(out, i, merged * lam + b, out_bf16)
+            for i in range(lo, hi):
+                b = _load(base, i, shift)
+                vote = zero
+                for j in range(n_mod):
+                    d = _sparse_delta(models, j, i, shift, b, thresholds, keys, drops, scales, dare)
+                    d = d * weights[j]
+                    vote += _sign(d) if count_vote else d
+                g = one - np.float32(2.0) * np.float32(vote < zero)
+                num = zero
+                div = zero
+                for j in range(n_mod):
+                    d = _sparse_delta(models, j, i, shift, b, thresholds, keys, drops, scales, dare)
+                    d = d * weights[j]
+                    agree = np.float32(_sign(d) == g)
+                    num += d * agree
+                    div += weights[j] * agree
+                div += np.float32(div == zero)
+                merged = num / div if normalize else num
+                _store(out, i, merged * lam + b, out_bf16)
 
         return {MODE_SUM: _combine_sum, MODE_PAPER: _combine_paper, MODE_MERGEKIT: _combine_mergekit}
 
@@ -384,40 +374,35 @@ if AVAILABLE:
 
 if AVAILABLE:
     def _make_weighted_sum(out_bf16: bool):
-        @njit(parallel=True, cache=True)
-        def _weighted_sum(models, shift, coefs, out, nblk):
+        @njit(nogil=True, cache=True)
+        def _weighted_sum(models, shift, coefs, out, lo, hi):
             """out = sum_j coefs[j] * models[j], accumulated in float32 in model order (as linear_average)."""
-            n_el = out.shape[0]
-            step = (n_el + nblk - 1) // nblk
-            for blk in prange(nblk):
-                lo = blk * step
-                hi = min(n_el, lo + step)
-                acc = _scratch()
-                for c0 in range(lo, hi, CHUNK):
-                    m = min(hi, c0 + CHUNK) - c0
+            acc = _scratch()
+            for c0 in range(lo, hi, CHUNK):
+                m = min(hi, c0 + CHUNK) - c0
+                for i in range(m):
+                    acc[i] = np.float32(0.0)
+                for j in range(len(models)):
+                    a = models[j][c0:c0 + m]
+                    c = coefs[j]
                     for i in range(m):
-                        acc[i] = np.float32(0.0)
-                    for j in range(len(models)):
-                        a = models[j][c0:c0 + m]
-                        c = coefs[j]
-                        for i in range(m):
-                            acc[i] += c * _load(a, i, shift)
-                    o = out[c0:c0 + m]
-                    for i in range(m):
-                        _store(o, i, acc[i], out_bf16)
+                        acc[i] += c * _load(a, i, shift)
+                o = out[c0:c0 + m]
+                for i in range(m):
+                    _store(o, i, acc[i], out_bf16)
         return _weighted_sum
 
     _WEIGHTED_SUM = {o: _make_weighted_sum(o) for o in (True, False)}
 
 
 if AVAILABLE:
-    @njit(parallel=True, cache=True)
-    def _slerp_partials(a, b, shift, chunk):
-        """Per chunk of `chunk` entries: <a, b>, |a|^2, |b|^2 in float64 (one read of both tensors)."""
+    @njit(nogil=True, cache=True)
+    def _slerp_partials(a, b, shift, chunk, c_lo, c_hi):
+        """Per chunk c in [c_lo, c_hi) of `chunk` entries: <a, b>, |a|^2, |b|^2 in float64 (one read of both
+        tensors); row c - c_lo."""
         n_el = a.shape[0]
-        n_chunk = (n_el + chunk - 1) // chunk
-        part = np.zeros((n_chunk, 3), np.float64)
-        for c in prange(n_chunk):
+        part = np.zeros((c_hi - c_lo, 3), np.float64)
+        for c in range(c_lo, c_hi):
             lo = c * chunk
             hi = min(n_el, lo + chunk)
             ab = 0.0
@@ -429,25 +414,69 @@ if AVAILABLE:
                 ab += x * y
                 aa += x * x
                 bb += y * y
-            part[c, 0] = ab
-            part[c, 1] = aa
-            part[c, 2] = bb
+            part[c - c_lo, 0] = ab
+            part[c - c_lo, 1] = aa
+            part[c - c_lo, 2] = bb
         return part
 
-    @njit(parallel=True, cache=True)
-    def _combine2(a, b, shift, c0, c1, out, out_bf16, nblk):
+    @njit(nogil=True, cache=True)
+    def _combine2(a, b, shift, c0, c1, out, out_bf16, lo, hi):
         """out = c0 * a + c1 * b in float32 (two products, one sum: as torch's `c0 * a + c1 * b`)."""
-        n_el = out.shape[0]
-        step = (n_el + nblk - 1) // nblk
-        for blk in prange(nblk):
-            lo = blk * step
-            hi = min(n_el, lo + step)
-            for i in range(lo, hi):
-                _store(out, i, c0 * _load(a, i, shift) + c1 * _load(b, i, shift), out_bf16)
+        for i in range(lo, hi):
+            _store(out, i, c0 * _load(a, i, shift) + c1 * _load(b, i, shift), out_bf16)
+
+    @njit(nogil=True, cache=True)
+    def _nearswap(base, model, shift, t, out, out_bf16, lo, hi):
+        """NearSwap per entry, the float32 operations of `selective.nearswap` in its order (torch's t / x is
+        reciprocal(x) * t): w = clamp(t / max(|b - m|, 1e-6), 0, 1), w m + (1 - w) b."""
+        one = np.float32(1.0)
+        for i in range(lo, hi):
+            b = _load(base, i, shift)
+            m = _load(model, i, shift)
+            w = min(max((one / max(abs(b - m), np.float32(1e-6))) * t, np.float32(0.0)), one)
+            _store(out, i, w * m + (one - w) * b, out_bf16)
+
+    @njit(inline="always", cache=True)
+    def _contributors(base, models, shift, i, eps):
+        """RAM at entry i: the base's value and how many task vectors change it (|tau_j| > eps)."""
+        b = _load(base, i, shift)
+        c = 0
+        for j in range(len(models)):
+            c += abs(_load(models[j], i, shift) - b) > eps
+        return b, c
+
+    @njit(nogil=True, cache=True)
+    def _ram_counts(base, models, shift, eps, lo, hi):
+        """RAM+ over [lo, hi): per model, how many of its updates are shared (column 0) and unique (column 1)."""
+        counts = np.zeros((len(models), 2), np.int64)
+        for i in range(lo, hi):
+            b, c = _contributors(base, models, shift, i, eps)
+            for j in range(len(models)):
+                changed = abs(_load(models[j], i, shift) - b) > eps
+                counts[j, 0] += changed and c > 1
+                counts[j, 1] += changed and c == 1
+        return counts
+
+    @njit(nogil=True, cache=True)
+    def _ram(base, models, shift, eps, scales, out, out_bf16, lo, hi):
+        """RAM per entry, the float32 operations of `ram.ram_merge` in its order: kept deltas, unique ones
+        times the model's scale (RAM+'s lambda_j; 1 for RAM), shared ones over their count, summed in model order."""
+        zero = np.float32(0.0)
+        for i in range(lo, hi):
+            b, c = _contributors(base, models, shift, i, eps)
+            unique = np.float32(c == 1)
+            shared = np.float32(c > 1)
+            count = np.float32(max(c, 1))
+            acc = zero
+            for j in range(len(models)):
+                d = _load(models[j], i, shift) - b
+                kept = d * np.float32(abs(d) > eps)
+                acc += kept * unique * scales[j] + kept * shared / count
+            _store(out, i, b + acc, out_bf16)
 
 
 if AVAILABLE:
-    @njit(cache=True)
+    @njit(nogil=True, cache=True)  # nogil: it runs in the loader thread while the main thread merges
     def _count_nonfinite(bits, exponent):
         """How many entries have every exponent bit set (inf or NaN), from the raw bit patterns; vectorised."""
         n = 0
@@ -512,7 +541,7 @@ def _sample_abs_bits(base: np.ndarray, models: tuple, shift: np.uint32, n: int) 
     return [np.sort((floats(m) - b).view(np.uint32) & np.uint32(0x7FFFFFFF)) for m in models]
 
 
-def _threshold_by_bracket(base, models, shift, ks, nblk) -> np.ndarray | None:
+def _threshold_by_bracket(base, models, shift, ks) -> np.ndarray | None:
     """Exact k-th largest |delta| bits per model in ONE pass: a sample brackets the answer,
     the pass counts what lies above the bracket and keeps what lies inside, and the k-th
     largest is selected among those. None when a bracket misses (then: histograms)."""
@@ -537,49 +566,86 @@ def _threshold_by_bracket(base, models, shift, ks, nblk) -> np.ndarray | None:
     share += 6.0 * math.sqrt(share * (1.0 - share) / _SAMPLE) + 16 / _SAMPLE
     if share > 0.25:  # a tie that large (say most deltas exactly 0): the radix histograms are cheaper
         return None
-    step = -(-n // nblk)
+    blocks = _blocks(n)
+    step = blocks[0][1] - blocks[0][0]
     cap = min(step, int(2 * share * step) + 4096)
-    above, found, cand = _bracket(base, models, shift, lo, hi, cap, nblk)
+    parts = _over_blocks(lambda start, stop: _bracket(base, models, shift, lo, hi, cap, start, stop), blocks)
     out = np.zeros(len(models), np.uint32)
     for j, k in enumerate(ks):
         if k is None:
             continue
-        if (found[:, j] > cap).any():
+        if any(found[j] > cap for _, found, _ in parts):
             return None
-        inside = np.concatenate([cand[blk, j, : found[blk, j]] for blk in range(cand.shape[0])])
-        r = k - int(above[j])  # the answer is the r-th largest inside the bracket
+        inside = np.concatenate([cand[j, : found[j]] for _, found, cand in parts])
+        r = k - sum(int(above[j]) for above, _, _ in parts)  # the answer is the r-th largest inside the bracket
         if not 1 <= r <= inside.size:
             return None
         out[j] = np.partition(inside, inside.size - r)[inside.size - r]
     return out
 
 
-def threshold_bits(base, models, shift, ks: list[int | None], nblk: int) -> np.ndarray:
+def threshold_bits(base, models, shift, ks: list[int | None]) -> np.ndarray:
     """Per model, the float32 bit pattern of the exact k-th largest |delta| (0 = keep everything)."""
     out = np.zeros(len(models), np.uint32)
     need = [j for j, k in enumerate(ks) if k is not None]
     if not need:
         return out
     if base.shape[0] < _BRACKET_MIN:  # small: materialise |delta| bits and select directly
-        bits = _abs_delta_bits(base, models, shift)
-        n = bits.shape[1]
+        n = base.shape[0]
+        bits = np.empty((len(models), n), np.uint32)
+        _over_blocks(lambda lo, hi: _abs_delta_bits(base, models, shift, bits, lo, hi), _blocks(n))
         for j in need:
             out[j] = np.partition(bits[j], n - ks[j])[n - ks[j]]
         return out
-    bracketed = _threshold_by_bracket(base, models, shift, ks, nblk)
+    bracketed = _threshold_by_bracket(base, models, shift, ks)
     if bracketed is not None:
         return bracketed
-    high = _hist_high(base, models, shift, nblk)
+    blocks = _blocks(base.shape[0])
+    high = sum(_over_blocks(lambda lo, hi: _hist_high(base, models, shift, lo, hi), blocks))
     bins = np.zeros(len(models), np.uint32)
     above = [0] * len(models)
     for j in need:
         b, above[j] = _pick_bin(high[j], ks[j])
         bins[j] = b
-    low = _hist_low(base, models, shift, bins, nblk)
+    low = sum(_over_blocks(lambda lo, hi: _hist_low(base, models, shift, bins, lo, hi), blocks))
     for j in need:
         lo, _ = _pick_bin(low[j], ks[j] - above[j])
         out[j] = (int(bins[j]) << 16) | lo
     return out
+
+
+OUT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)  # float16: computed as float32, converted once
+
+
+def _output(shape, out_dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray, bool]:
+    """(result tensor, its flat bit patterns for a kernel to write, whether they are bf16): bf16 results are
+    written as bf16 bits, float32 and float16 results as float32 bits (`_finish` converts float16)."""
+    out_bf16 = out_dtype == torch.bfloat16
+    result = torch.empty(shape, dtype=torch.bfloat16 if out_bf16 else torch.float32)
+    out = result.reshape(-1).view(torch.int16 if out_bf16 else torch.int32).numpy()
+    return result, out.view(np.uint16 if out_bf16 else np.uint32), out_bf16
+
+
+def _finish(result: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    return result if out_dtype != torch.float16 else result.to(torch.float16)
+
+
+def _applicable(tensors: list[torch.Tensor], out_dtype: torch.dtype) -> bool:
+    """Whether a fused kernel takes these tensors: numba present, CPU, same shape, at least FUSED_MIN entries."""
+    return (AVAILABLE and bool(tensors) and all(t.device.type == "cpu" and t.shape == tensors[0].shape
+                                                 for t in tensors)
+            and tensors[0].numel() >= FUSED_MIN and out_dtype in OUT_DTYPES)
+
+
+def _raw_inputs(tensors: list[torch.Tensor], out_dtype: torch.dtype, spec: tuple, warm, sync: bool):
+    """(shift, the tensors' stored bit patterns) for a fused kernel; None when none applies (`_applicable`),
+    or while `spec`'s kernels compile in the background (TASKVEC_JIT=background; `warm` compiles them)."""
+    if not _applicable(tensors, out_dtype):
+        return None
+    bf16 = all(t.dtype == torch.bfloat16 for t in tensors)
+    if not sync and not kernels_ready((*spec, bf16, len(tensors), out_dtype), warm):
+        return None
+    return np.uint32(16 if bf16 else 0), [_as_bits(t, bf16) for t in tensors]
 
 
 def fused_task_arithmetic(
@@ -602,9 +668,7 @@ def fused_task_arithmetic(
     tensors, small tensors, unusual dtypes): the caller then runs the torch path."""
     from .sparsify import keep_count
 
-    if not AVAILABLE or base.device.type != "cpu" or any(t.device.type != "cpu" for t in tensors):
-        return None
-    if base.numel() < FUSED_MIN or out_dtype not in (torch.bfloat16, torch.float32, torch.float16):
+    if not _applicable([base, *tensors], out_dtype):
         return None
     bf16 = base.dtype == torch.bfloat16 and all(t.dtype == torch.bfloat16 for t in tensors)
     select = thresholds is None and densities is not None and any(d < 1.0 for d in densities)
@@ -628,13 +692,13 @@ def fused_task_arithmetic(
     shift = np.uint32(16 if bf16 else 0)
     b = _as_bits(base, bf16)
     ms = tuple(_as_bits(t, bf16) for t in tensors)
-    nblk = max(1, min(4 * numba.get_num_threads(), b.shape[0] // 65536))
     n = b.shape[0]
+    blocks = _blocks(n)
     tbits = np.zeros(len(ms), np.uint32)
     if thresholds is not None and any(x is not None for x in thresholds):
         tbits = np.array([np.float32(max(x, 0.0)).view(np.uint32) for x in thresholds], np.uint32)
     elif densities is not None:
-        tbits = threshold_bits(b, ms, shift, [None if d >= 1.0 else keep_count(n, d) for d in densities], nblk)
+        tbits = threshold_bits(b, ms, shift, [None if d >= 1.0 else keep_count(n, d) for d in densities])
     w = np.asarray(weights, np.float32)
     total = np.float32(w.sum(dtype=np.float32)) if mode == MODE_SUM else np.float32(1.0)
     if mode == MODE_SUM and normalize and abs(float(total)) < 1e-8:
@@ -646,7 +710,7 @@ def fused_task_arithmetic(
         keys = np.array([dare_key(g) for g in generators], np.uint64)
         drops = np.array([drop_threshold(p) for p in drop_rates], np.uint64)
         if rescale == "l1":
-            bins = _dare_l1_bins(b, ms, shift, keys, drops, nblk)
+            bins = sum(_over_blocks(lambda lo, hi: _dare_l1_bins(b, ms, shift, keys, drops, lo, hi), blocks))
             factors = [l1_factor(bins_total(bins[j, 0]), bins_total(bins[j, 1])) for j in range(len(ms))]
             scales = np.array([1.0 if f is None else f for f in factors], np.float32)
         else:
@@ -655,17 +719,12 @@ def fused_task_arithmetic(
         keys = np.zeros(len(ms), np.uint64)
         drops = np.zeros(len(ms), np.uint64)
         scales = np.zeros(len(ms), np.float32)
-    out_bf16 = out_dtype == torch.bfloat16
-    result = torch.empty(base.shape, dtype=torch.bfloat16 if out_bf16 else torch.float32)
-    out = result.reshape(-1).view(torch.int16 if out_bf16 else torch.int32).numpy()
-    out = out.view(np.uint16 if out_bf16 else np.uint32)
+    result, out, out_bf16 = _output(base.shape, out_dtype)
     kernel = _COMBINE[(out_bf16, dare is not None)][mode]
     common = (b, ms, shift, tbits, keys, drops, scales, w)
-    if mode == MODE_SUM:
-        kernel(*common, total, np.float32(lam), normalize, out, nblk)
-    else:
-        kernel(*common, np.float32(lam), count_vote, normalize, out, nblk)
-    return result if out_dtype != torch.float16 else result.to(torch.float16)
+    rest = (total, np.float32(lam), normalize) if mode == MODE_SUM else (np.float32(lam), count_vote, normalize)
+    _over_blocks(lambda lo, hi: kernel(*common, *rest, out, lo, hi), blocks)
+    return _finish(result, out_dtype)
 
 
 
@@ -673,26 +732,20 @@ def fused_linear(tensors: list[torch.Tensor], weights: list[float], *, normalize
                  out_dtype: torch.dtype, _sync: bool = False) -> torch.Tensor | None:
     """Weighted average (linear merge) straight from the stored bits in one pass; None when not
     applicable (numba missing, non-CPU or small tensors, a zero weight sum): the torch path runs."""
-    if not AVAILABLE or not tensors or any(t.device.type != "cpu" for t in tensors):
-        return None
-    if tensors[0].numel() < FUSED_MIN or out_dtype not in (torch.bfloat16, torch.float32, torch.float16):
-        return None
     total = sum(float(w) for w in weights)
     if normalize and abs(total) < 1e-12:
         return None  # the torch path raises the explanatory error
-    bf16 = all(t.dtype == torch.bfloat16 for t in tensors)
     warm = lambda: fused_linear([torch.zeros(FUSED_MIN, dtype=t.dtype) for t in tensors], weights,  # noqa: E731
                                 normalize=normalize, out_dtype=out_dtype, _sync=True)
-    if not _sync and not kernels_ready(("linear", bf16, len(tensors), out_dtype), warm):
+    raw = _raw_inputs(tensors, out_dtype, ("linear",), warm, _sync)
+    if raw is None:
         return None
-    ms = tuple(_as_bits(t, bf16) for t in tensors)
+    shift, ms = raw[0], tuple(raw[1])
     coefs = np.asarray([float(w) / total if normalize else float(w) for w in weights], np.float32)
-    nblk = max(1, min(4 * numba.get_num_threads(), ms[0].shape[0] // 65536))
-    out_bf16 = out_dtype == torch.bfloat16
-    result = torch.empty(tensors[0].shape, dtype=torch.bfloat16 if out_bf16 else torch.float32)
-    out = result.reshape(-1).view(torch.int16 if out_bf16 else torch.int32).numpy()
-    _WEIGHTED_SUM[out_bf16](ms, np.uint32(16 if bf16 else 0), coefs, out.view(np.uint16 if out_bf16 else np.uint32), nblk)
-    return result if out_dtype != torch.float16 else result.to(torch.float16)
+    result, out, out_bf16 = _output(tensors[0].shape, out_dtype)
+    kernel = _WEIGHTED_SUM[out_bf16]
+    _over_blocks(lambda lo, hi: kernel(ms, shift, coefs, out, lo, hi), _blocks(ms[0].shape[0]))
+    return _finish(result, out_dtype)
 
 def fused_slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, *, out_dtype: torch.dtype,
                 _sync: bool = False) -> torch.Tensor | None:
@@ -701,27 +754,62 @@ def fused_slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, *, out_dtype: torc
     `slerp.slerp` (see its docstring); None when not applicable (the torch path runs)."""
     from .slerp import CHUNK, slerp_coefficients
 
-    if not AVAILABLE or v0.device.type != "cpu" or v1.device.type != "cpu" or v0.shape != v1.shape:
-        return None
-    if v0.numel() < FUSED_MIN or out_dtype not in (torch.bfloat16, torch.float32, torch.float16):
-        return None
-    bf16 = v0.dtype == torch.bfloat16 and v1.dtype == torch.bfloat16
     warm = lambda: fused_slerp(torch.ones(FUSED_MIN, dtype=v0.dtype), torch.zeros(FUSED_MIN, dtype=v1.dtype),  # noqa: E731
                                t, out_dtype=out_dtype, _sync=True)
-    if not _sync and not kernels_ready(("slerp", bf16, out_dtype), warm):
+    raw = _raw_inputs([v0, v1], out_dtype, ("slerp",), warm, _sync)
+    if raw is None:
         return None
-    shift = np.uint32(16 if bf16 else 0)
-    a, b = _as_bits(v0, bf16), _as_bits(v1, bf16)
+    shift, (a, b) = raw
     ab = aa = bb = 0.0
-    for row in _slerp_partials(a, b, shift, CHUNK):  # chunks added in order, as slerp_sums does
+    n_chunk = -(-a.shape[0] // CHUNK)
+    parts = _over_blocks(lambda c_lo, c_hi: _slerp_partials(a, b, shift, CHUNK, c_lo, c_hi),
+                         [(lo, min(n_chunk, lo + 4)) for lo in range(0, n_chunk, 4)])
+    for row in np.concatenate(parts):  # chunks added in order, as slerp_sums does
         ab += float(row[0])
         aa += float(row[1])
         bb += float(row[2])
     c0, c1 = slerp_coefficients(t, ab, aa, bb)
-    nblk = max(1, min(4 * numba.get_num_threads(), a.shape[0] // 65536))
-    out_bf16 = out_dtype == torch.bfloat16
-    result = torch.empty(v0.shape, dtype=torch.bfloat16 if out_bf16 else torch.float32)
-    out = result.reshape(-1).view(torch.int16 if out_bf16 else torch.int32).numpy()
-    _combine2(a, b, shift, np.float32(c0), np.float32(c1), out.view(np.uint16 if out_bf16 else np.uint32),
-              out_bf16, nblk)
-    return result if out_dtype != torch.float16 else result.to(torch.float16)
+    result, out, out_bf16 = _output(v0.shape, out_dtype)
+    c0, c1 = np.float32(c0), np.float32(c1)
+    _over_blocks(lambda lo, hi: _combine2(a, b, shift, c0, c1, out, out_bf16, lo, hi), _blocks(a.shape[0]))
+    return _finish(result, out_dtype)
+
+
+def fused_nearswap(base: torch.Tensor, model: torch.Tensor, t: float, *, out_dtype: torch.dtype,
+                   _sync: bool = False) -> torch.Tensor | None:
+    """NearSwap (`selective.nearswap`) in one pass over the stored bits, bit-identical; None when not applicable."""
+    warm = lambda: fused_nearswap(torch.zeros(FUSED_MIN, dtype=base.dtype), torch.ones(FUSED_MIN, dtype=model.dtype),  # noqa: E731
+                                  t, out_dtype=out_dtype, _sync=True)
+    raw = _raw_inputs([base, model], out_dtype, ("nearswap",), warm, _sync)
+    if raw is None:
+        return None
+    shift, (b, m) = raw
+    result, out, out_bf16 = _output(base.shape, out_dtype)
+    t32 = np.float32(t)
+    _over_blocks(lambda lo, hi: _nearswap(b, m, shift, t32, out, out_bf16, lo, hi), _blocks(b.shape[0]))
+    return _finish(result, out_dtype)
+
+
+def fused_ram(base: torch.Tensor, tensors: list[torch.Tensor], epsilon: float, *, out_dtype: torch.dtype,
+              plus: tuple[float, float] | None = None, _sync: bool = False) -> torch.Tensor | None:
+    """RAM (`ram.ram_merge`), or with `plus` = (r, alpha) RAM+ tensor-local (its per-model scales from exact
+    integer counts, a first pass), straight from the stored bits, bit-identical; None when not applicable."""
+    from .ram import ramplus_scales_from_counts
+
+    warm = lambda: fused_ram(torch.zeros(FUSED_MIN, dtype=base.dtype),  # noqa: E731
+                             [torch.ones(FUSED_MIN, dtype=t.dtype) for t in tensors], epsilon,
+                             out_dtype=out_dtype, plus=plus, _sync=True)
+    raw = _raw_inputs([base, *tensors], out_dtype, ("ram", plus is not None), warm, _sync)
+    if raw is None:
+        return None
+    shift, (b, *rest) = raw
+    ms = tuple(rest)
+    eps = np.float32(epsilon)  # torch compares float32 |tau| with the float32 epsilon too
+    blocks = _blocks(b.shape[0])
+    scales = np.ones(len(ms), np.float32)
+    if plus is not None:
+        counts = torch.from_numpy(sum(_over_blocks(lambda lo, hi: _ram_counts(b, ms, shift, eps, lo, hi), blocks)))
+        scales = ramplus_scales_from_counts(counts[:, 0], counts[:, 1], epsilon, *plus).numpy().astype(np.float32)
+    result, out, out_bf16 = _output(base.shape, out_dtype)
+    _over_blocks(lambda lo, hi: _ram(b, ms, shift, eps, scales, out, out_bf16, lo, hi), blocks)
+    return _finish(result, out_dtype)

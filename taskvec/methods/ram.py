@@ -54,5 +54,11 @@ def ramplus_scales(deltas: torch.Tensor, epsilon: float = 1e-5, r: float = 0.1, 
     nonzero, counts = contribution_masks(flat, epsilon)
     shared_counts = (nonzero & (counts > 1)).sum(dim=1)
     unique_counts = (nonzero & (counts == 1)).sum(dim=1)
+    return ramplus_scales_from_counts(shared_counts, unique_counts, epsilon, r, alpha)
+
+
+def ramplus_scales_from_counts(shared_counts: torch.Tensor, unique_counts: torch.Tensor, epsilon: float, r: float,
+                               alpha: float) -> torch.Tensor:
+    """lambda_i from each agent's counts (int64) of shared and unique updates; the fused kernel counts them too."""
     rho = shared_counts / unique_counts.clamp(min=epsilon)
     return 1 + r * rho.clamp(min=0, max=alpha)

@@ -513,6 +513,12 @@ def _nearswap(base, tensors, name, p):
     return nearswap(base, tensors[0], p["t"])
 
 
+def _nearswap_fused(base, tensors, name, p, out_dtype):
+    from . import fused as fz  # imports numba: only when a merge runs
+
+    return fz.fused_nearswap(base, tensors[0], p["t"], out_dtype=out_dtype)
+
+
 def _arcee_fusion(base, tensors, name, p):
     return arcee_fusion(base, tensors[0])
 
@@ -529,6 +535,18 @@ def _ramplus_tl(base, tensors, name, p):
     deltas = _stacked_deltas(base, tensors)
     scales = ramplus_scales(deltas, p["epsilon"], r=p["r"], alpha=p["alpha"])
     return base + ram_merge(deltas, p["epsilon"], scales=scales)
+
+
+def _ram_fused(base, tensors, name, p, out_dtype):
+    from . import fused as fz  # imports numba: only when a merge runs
+
+    return fz.fused_ram(base, tensors, p["epsilon"], out_dtype=out_dtype)
+
+
+def _ramplus_tl_fused(base, tensors, name, p, out_dtype):
+    from . import fused as fz  # imports numba: only when a merge runs
+
+    return fz.fused_ram(base, tensors, p["epsilon"], plus=(p["r"], p["alpha"]), out_dtype=out_dtype)
 
 
 def _sce(base, tensors, name, p):
@@ -768,6 +786,7 @@ _METHOD_LIST = [
         _nearswap,
         (Param("t", _NO_DEFAULT, "distance below which the model's value is taken outright", low=0.0),),
         needs_base=True, max_models=1, reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+        fused=_nearswap_fused,
     ),
     MergeMethod(
         "arcee_fusion", "Arcee Fusion: keep the model's changes whose |delta| x KL importance is an outlier",
@@ -776,7 +795,7 @@ _METHOD_LIST = [
     MergeMethod(
         "ram", "RAM: keep updates only one model makes, average shared ones", _ram,
         (Param("epsilon", 1e-5, "|tau| above this counts as an update", low=0.0),),
-        needs_base=True, reference="https://arxiv.org/abs/2601.13572",
+        needs_base=True, reference="https://arxiv.org/abs/2601.13572", fused=_ram_fused,
     ),
     MergeMethod(
         "ramplus_tl", "RAM+ (tensor-local): RAM with each model's unique updates scaled by its overlap",
@@ -784,7 +803,7 @@ _METHOD_LIST = [
         (Param("r", 0.1, "strength of the unique-update rescaling", low=0.0),
          Param("alpha", 0.2, "cap on the overlap ratio rho", low=0.0),
          Param("epsilon", 1e-5, "|tau| above this counts as an update", low=0.0)),
-        needs_base=True, reference="https://arxiv.org/abs/2601.13572",
+        needs_base=True, reference="https://arxiv.org/abs/2601.13572", fused=_ramplus_tl_fused,
     ),
     MergeMethod(
         "sce", "SCE: select high-variance entries, weight models by energy, erase minority signs", _sce,
