@@ -238,9 +238,10 @@ def merge(
     unless `dtype` is given; integer/bool buffers are copied from the base.
     TIES-family methods follow the papers by default; `semantics="mergekit"`
     reproduces mergekit's weighting (see `taskvec.methods.ties`). On CPU with
-    numba installed, linear, task arithmetic, TIES, DARE and SLERP run as fused
-    kernels straight from the stored bf16/float32 bits (`taskvec.methods.fused`),
-    same results; `taskvec warmup` compiles them once after installing.
+    numba installed, linear, task arithmetic, TIES, DARE, SLERP, Model Stock, NearSwap
+    and RAM run as fused kernels straight from the stored bf16/float32 bits
+    (`taskvec.methods.fused`), same results; `taskvec warmup` compiles them once
+    after installing.
     Returns a state dict, or with `out` writes sharded safetensors + index +
     config/tokenizer files from the base folder atomically and returns the path.
     Inputs are never modified and the returned tensors never share memory with them.

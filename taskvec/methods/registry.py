@@ -448,6 +448,14 @@ def _model_stock(base, tensors, name, p):
     return model_stock(base, tensors, filter_wise=p["filter_wise"], clamp=p["semantics"] == "paper")
 
 
+def _model_stock_fused(base, tensors, name, p, out_dtype):
+    from . import fused as fz  # imports numba: only when a merge runs
+
+    if p["filter_wise"]:
+        return None  # one angle per row: the torch path
+    return fz.fused_model_stock(base, list(tensors), clamp=p["semantics"] == "paper", out_dtype=out_dtype)
+
+
 def _fisher(base, tensors, name, p):
     fishers = p["fisher"]
     if all(f is None for f in fishers):  # no statistics for this tensor (e.g. a frozen one): plain average
@@ -705,7 +713,7 @@ _METHOD_LIST = [
          Param("semantics", "paper", "paper: cos clamped to [0, 1], so t stays in [0, 1]; mergekit: unclamped "
                "(t < 0 extrapolates for opposing task vectors), see model_stock.py",
                kind="choice", choices=("paper", "mergekit"))),
-        needs_base=True, min_models=2, reference="https://arxiv.org/abs/2403.19522",
+        needs_base=True, min_models=2, reference="https://arxiv.org/abs/2403.19522", fused=_model_stock_fused,
     ),
     MergeMethod(
         "fisher", "Fisher-weighted average sum F_i theta_i / sum F_i", _fisher,

@@ -11,7 +11,9 @@ from . import fused
 from .registry import get_method
 
 
-WARMUP_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp")
+WARMUP_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "model_stock", "nearswap",
+                  "ram", "ramplus_tl")
+_REQUIRED = {"t": 0.01}  # values for parameters without a default (nearswap's t)
 
 
 def warmup(methods=WARMUP_METHODS, n_models=(1, 2, 3), dtypes=(torch.bfloat16, torch.float32),
@@ -34,14 +36,15 @@ def _warm_all(methods, n_models, dtypes, semantics) -> int:
     for name in methods:
         m = get_method(name)
         for dtype in dtypes:
-            for n in (1,) if name == "slerp" else n_models:
+            for n in (1,) if name == "slerp" else [n for n in n_models if m.min_models <= n <= (m.max_models or n)]:
                 for sem in semantics if "semantics" in m.param_names else (None,):
                     g = torch.Generator().manual_seed(0)
                     sizes = (fused.FUSED_MIN, fused._BRACKET_MIN) if name == "ties" else (fused.FUSED_MIN,)  # both selections
                     for size in sizes:
                         base = torch.randn(size, generator=g).to(dtype)
                         ts = [(base.float() + torch.randn(size, generator=g)).to(dtype) for _ in range(n)]
-                        params = {} if sem is None else {"semantics": sem}
+                        params = {k: v for k, v in _REQUIRED.items() if k in m.param_names and m.param(k).required}
+                        params.update({} if sem is None else {"semantics": sem})
                         if name.startswith("dare"):
                             params["rescale"] = True  # paper: 1/(1-p); mergekit: the L1 factor (its own kernel)
                         checked = m.check_params(n, has_base=True, **params)

@@ -1,7 +1,8 @@
-"""NearSwap, RAM and RAM+ (tensor-local) as fused numba kernels (`fused.fused_nearswap`, `fused.fused_ram`)
-against their torch references (`selective.nearswap`, `ram.ram_merge`), bit for bit, through `merge_fast` as
-`taskvec.merging.merge` calls it. Inputs are built to hit each branch: entries equal to the base's, changes
-of exactly epsilon, signed zeros, updates made by one model only and by several."""
+"""NearSwap, RAM, RAM+ (tensor-local) and Model Stock as fused numba kernels (`fused.fused_nearswap`,
+`fused.fused_ram`, `fused.fused_model_stock`) against their torch references (`selective.nearswap`,
+`ram.ram_merge`, `model_stock.model_stock`), bit for bit, also through `merge_fast` as `taskvec.merging.merge`
+calls it. Inputs are built to hit each branch: entries equal to the base's, changes of exactly epsilon, signed
+zeros, updates made by one model only and by several, aligned and opposing task vectors."""
 from __future__ import annotations
 
 import pytest
@@ -95,3 +96,46 @@ def test_small_or_non_cpu_tensors_take_the_torch_path():
     assert fused.fused_ram(base, models, EPS, out_dtype=torch.float32) is None
     assert fused.fused_nearswap(base, models[0], 0.1, out_dtype=torch.float32) is None
     assert fused.fused_ram(base, models, EPS, out_dtype=torch.float64) is None  # float64 results: torch
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("n_models", [2, 3, 4])
+@pytest.mark.parametrize("semantics", ["paper", "mergekit"])
+@pytest.mark.parametrize("shared", [0.0, 0.6, -0.6])  # share of a common direction: orthogonal, aligned, opposing
+def test_fused_model_stock_is_bit_identical(dtype, n_models, semantics, shared):
+    g = torch.Generator().manual_seed(n_models)
+    n = 2 * fused.FUSED_MIN + 11  # several float64 chunks, the last one partial
+    base = torch.randn(n, generator=g)
+    common = torch.randn(n, generator=g)
+    models = [(base + 0.01 * ((shared if j % 2 else abs(shared)) * common + torch.randn(n, generator=g))).to(dtype)
+              for j in range(n_models)]
+    base = base.to(dtype)
+    m = get_method("model_stock")
+    checked = m.check_params(n_models, semantics=semantics)
+    fast = fused.fused_model_stock(base, models, clamp=semantics == "paper", out_dtype=dtype)
+    assert fast is not None and fast.dtype == dtype
+    ref = m.merge_checked(base, models, name="w", checked=checked).to(dtype)
+    assert torch.equal(float_bits(fast), float_bits(ref))
+    assert torch.equal(float_bits(m.merge_fast(base, models, name="w", checked=checked, out_dtype=dtype)),
+                       float_bits(ref))
+
+
+def test_model_stock_reference_follows_the_formula_in_float64():
+    # the chunked float64 Gram matrix gives the paper's t = N cos / (1 + (N - 1) cos) from exact cosines
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(3 * 65536 + 7, generator=g, dtype=torch.float64)
+    models = [base + torch.randn(base.shape, generator=g, dtype=torch.float64) * 0.1 + 0.05 for _ in range(3)]
+    offs = [(m.float() - base.float()).double() for m in models]
+    cos = [float(offs[i] @ offs[j] / (offs[i].norm() * offs[j].norm())) for i in range(3) for j in range(i + 1, 3)]
+    c = sum(cos) / 3
+    t = 3 * c / (1 + 2 * c)
+    from taskvec.methods.model_stock import offset_gram, ratio_from_gram
+
+    assert abs(ratio_from_gram(offset_gram(base.float(), [m.float() for m in models])) - t) < 1e-6
+
+
+def test_filter_wise_model_stock_takes_the_torch_path():
+    base, models = _inputs(fused.FUSED_MIN, 2, torch.float32, seed=4)
+    m = get_method("model_stock")
+    p = m.resolve(m.check_params(2, filter_wise=True), "w", 2)
+    assert m.fused(base.reshape(256, -1), [t.reshape(256, -1) for t in models], "w", p, torch.float32) is None
