@@ -458,3 +458,57 @@ def test_yaml_sce_runs_with_mergekit_semantics(tmp_path):
     mk = merge("sce", b, fts, semantics="mergekit")
     assert torch.equal(out.get(k), mk)
     assert not torch.allclose(merge("sce", b, fts), mk, rtol=0, atol=1e-9)
+
+
+# --- the O(n) selections behind arcee_fusion's quantiles and SCE's top-k: the same values / sets as torch's
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 3000), levels=st.integers(1, 50), seed=st.integers(0, 2**16))
+def test_order_statistics_equal_kthvalue(n, levels, seed):
+    from taskvec.methods.selective import order_statistics
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, levels, (n,), generator=g).float() / levels  # heavy ties
+    qs = (0.25, 0.5, 0.75)
+    expected = [x.kthvalue(int(torch.tensor(q) * (n - 1)) + 1).values for q in qs]
+    assert [float(v) for v in order_statistics(x, qs)] == [float(v) for v in expected]
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 2000), levels=st.integers(2, 40), topk=st.floats(0.01, 0.99), seed=st.integers(0, 2**16))
+def test_sce_selection_is_the_topk_set(n, levels, topk, seed):
+    from taskvec.methods.sce import _top_k_by_threshold, sce_select
+
+    g = torch.Generator().manual_seed(seed)
+    deltas = torch.randint(-levels, levels, (3, n), generator=g).float() / levels  # ties in the variance
+    var = torch.var(deltas, dim=0, unbiased=False)
+    k = int(torch.count_nonzero(var) * topk)
+    reference = torch.zeros(n)
+    if k > 0:
+        reference[torch.topk(var.abs(), k).indices] = 1
+    fast = _top_k_by_threshold(var.abs(), k) if k > 0 else None
+    if fast is not None:  # decided by the threshold: exactly topk's set
+        assert torch.equal(fast.float(), reference)
+    if k > 0 and fast is None:  # only when the k-th largest is tied across the cut
+        kth = torch.topk(var.abs(), k).values[-1]
+        assert int((var.abs() >= kth).sum()) > k
+    assert torch.equal(sce_select(deltas, topk), reference)  # either way, the set topk keeps
+
+
+@settings(max_examples=30, deadline=None)
+@given(n_models=st.integers(1, 6), n=st.integers(1, 5000), scale=st.sampled_from([1e-6, 1e-2, 1.0, 1e4]),
+       bf16=st.booleans(), seed=st.integers(0, 2**16))
+def test_population_variance_is_torch_var_bit_for_bit(n_models, n, scale, bf16, seed):
+    from taskvec.methods import sce
+
+    g = torch.Generator().manual_seed(seed)
+    deltas = torch.randn(n_models, n, generator=g) * scale
+    if bf16:  # fine-tuning deltas of bf16 checkpoints, signed zeros included
+        base = torch.randn(n, generator=g).to(torch.bfloat16).float()
+        deltas = (base + deltas).to(torch.bfloat16).float() - base
+        deltas[:, :3] = -0.0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sce, "_VAR_CHUNK", 1000)  # several chunks, the last one partial
+        ours = sce.population_variance(deltas.reshape(n_models, n, 1))
+    expected = torch.var(deltas.reshape(n_models, n, 1), dim=0, unbiased=False)
+    assert torch.equal(ours.view(torch.int32), expected.view(torch.int32))

@@ -412,7 +412,10 @@ if AVAILABLE:
 
 
 if AVAILABLE:
-    @njit(nogil=True, cache=True)
+    # float64 sums with reassociation allowed (and nothing else): LLVM vectorises them with several partial
+    # sums instead of one serial add chain; the float64 result moves by ~1e-16 relative, below what the
+    # float32 coefficients computed from it can resolve in practice (tests compare the paths bit for bit)
+    @njit(nogil=True, cache=True, fastmath={"reassoc"})
     def _slerp_partials(a, b, shift, chunk, c_lo, c_hi):
         """Per chunk c in [c_lo, c_hi) of `chunk` entries: <a, b>, |a|^2, |b|^2 in float64 (one read of both
         tensors); row c - c_lo."""
@@ -441,7 +444,7 @@ if AVAILABLE:
         for i in range(lo, hi):
             _store(out, i, c0 * _load(a, i, shift) + c1 * _load(b, i, shift), out_bf16)
 
-    @njit(nogil=True, cache=True)
+    @njit(nogil=True, cache=True, fastmath={"reassoc"})  # as _slerp_partials
     def _gram_partials(base, models, shift, chunk, c_lo, c_hi):
         """Per chunk c in [c_lo, c_hi) of `chunk` entries: the upper triangle of the offsets' Gram matrix,
         float64 products of the float32 offsets theta_j - theta_0 (`model_stock.offset_gram`); row c - c_lo."""

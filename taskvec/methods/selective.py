@@ -26,6 +26,7 @@ above 10^6 entries the two can keep slightly different sets.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -49,10 +50,15 @@ def fusion_importance(model: torch.Tensor, base: torch.Tensor, eps: float = 1e-8
 
 
 def order_statistics(x: torch.Tensor, qs: tuple[float, ...]) -> list[torch.Tensor]:
-    """The sorted values at index floor(q (n - 1)) for each q, by `kthvalue` (no full sort)."""
+    """The sorted values at index floor(q (n - 1)) for each q, without a full sort: on CPU one
+    `np.partition` for all of them (one copy, one multi-select), elsewhere `kthvalue` per q."""
     flat = x.reshape(-1)
     n = flat.numel()
-    return [flat.kthvalue(int(torch.tensor(q) * (n - 1)) + 1).values for q in qs]
+    ranks = [int(torch.tensor(q) * (n - 1)) for q in qs]  # float32 q, as mergekit's torch.tensor(q)
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        part = np.partition(flat.detach().numpy(), sorted(set(ranks)))
+        return [torch.tensor(part[r], dtype=flat.dtype) for r in ranks]
+    return [flat.kthvalue(r + 1).values for r in ranks]
 
 
 def fusion_threshold(importance: torch.Tensor) -> torch.Tensor:
