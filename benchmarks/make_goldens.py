@@ -15,7 +15,8 @@ in every CI run, mergekit not installed. What is written:
 * configs/NAME.yml — mergekit configs, `dtype: float32` (both tools compute in float32);
 * outputs/NAME.safetensors — what `mergekit-yaml configs/NAME.yml` wrote (run with the
   working directory tests/goldens, so the relative model paths resolve);
-* MANIFEST.json — mergekit and torch versions, and the SHA-256 of every file.
+* MANIFEST.json — mergekit and torch versions, the pinned CPU numerics (NUMERICS), and the
+  SHA-256 of every file.
 """
 from __future__ import annotations
 
@@ -316,9 +317,17 @@ def write_inputs(root: Path) -> None:
         (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
+# torch's float32 reductions and MKL's GEMMs round differently with the CPU's vector width (AVX-512 or AVX2
+# kernels; MKL's code path per CPU vendor), so that Karcher means and Arcee Fusion's quantile threshold differ
+# in the last bits between machines. The goldens are written, and compared, with these pinned: ATen's AVX2
+# kernels and MKL's conditional-numerical-reproducibility path (tests/test_mergekit_parity.py reads them from
+# MANIFEST.json).
+NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
+
+
 def run_mergekit(exe: str, config: Path, out: Path, cwd: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **NUMERICS)
     res = subprocess.run([exe, str(config), str(out), "--no-copy-tokenizer", "--no-write-model-card", "--quiet",
                           "--random-seed", "0"], capture_output=True, text=True, env=env, cwd=cwd)
     if res.returncode != 0:
@@ -385,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
                                            "edit by hand.\n" + __doc__.split("\n\n", 2)[2])
         publish(staging, args.out, {
             "mergekit": version[0] if version else "?", "torch": version[1] if len(version) > 1 else "?",
-            "regenerate": "python benchmarks/make_goldens.py", "random_methods": list(RANDOM_METHODS)})
+            "regenerate": "python benchmarks/make_goldens.py", "random_methods": list(RANDOM_METHODS),
+            "numerics_env": NUMERICS})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     total = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
