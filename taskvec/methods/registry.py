@@ -506,7 +506,7 @@ def _nuslerp(base, tensors, name, p):
     kw = dict(row_wise=p["nuslerp_row_wise"], flatten=p["nuslerp_flatten"])
     if base is None:
         return nuslerp(t, tensors[0], tensors[1], **kw)
-    return base + nuslerp(t, tensors[0] - base, tensors[1] - base, **kw)
+    return nuslerp(t, tensors[0] - base, tensors[1] - base, **kw).add_(base)
 
 
 def _multislerp(base, tensors, name, p):

@@ -87,16 +87,23 @@ def nuslerp(
     if v0.shape != v1.shape:
         raise ParameterError(f"nuslerp: shapes differ, {tuple(v0.shape)} vs {tuple(v1.shape)}")
     shape = v0.shape
+    if v0.dtype != v1.dtype:  # one dtype for the in-place steps below
+        common = torch.promote_types(v0.dtype, v1.dtype)
+        v0, v1 = v0.to(common), v1.to(common)
     dim = 0 if row_wise else -1
     if flatten:
         v0, v1 = v0.reshape(-1), v1.reshape(-1)
     elif dim != -1:
         v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
-    cos = torch.sum(_unit_rows(v0) * _unit_rows(v1), dim=-1, keepdim=True).clamp(-1, 1)
+    # mergekit's float operations, in place where a tensor-sized temporary would be (fresh pages each)
+    out = _unit_rows(v0)
+    cos = torch.sum(out.mul_(_unit_rows(v1)), dim=-1, keepdim=True).clamp(-1, 1)
     colinear = (1 - cos.square()) <= eps**2
     omega = torch.acos(torch.where(colinear, 0, cos))
-    out = (torch.sin((1 - t) * omega) * v0 + torch.sin(t * omega) * v1) / torch.sin(omega)
-    out = torch.where(colinear, (1 - t) * v0 + t * v1, out)
+    torch.mul(torch.sin((1 - t) * omega), v0, out=out)
+    out.add_(torch.sin(t * omega) * v1).div_(torch.sin(omega))
+    if colinear.any():  # where the two are parallel: the linear interpolation
+        out = torch.where(colinear, (1 - t) * v0 + t * v1, out)
     if dim != -1 and not flatten:
         out = out.transpose(dim, -1)
     return out.reshape(shape)
@@ -118,33 +125,40 @@ def multislerp(
         raise ParameterError(f"weight: got {len(weights)} values for {len(tensors)} models")
     if len(tensors) == 1:
         return tensors[0].clone()
-    stacked = torch.stack(list(tensors), dim=0)
+    # mergekit's float operations in its order; in place where a tensor-sized temporary would be (each is fresh
+    # pages to fault in): two (models x entries) buffers at most
+    units = torch.stack(list(tensors), dim=0)
+    shape = units.shape[1:]
     if base is not None:
-        stacked -= base
-    flat = stacked.view(stacked.shape[0], -1)
-    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
+        units -= base
+    flat = units.view(units.shape[0], -1)
+    w = torch.tensor(list(weights), dtype=units.dtype, device=units.device)
     if normalize_weights:
         if float(w.sum()) == 0.0:
             raise ParameterError("weight: the weights sum to 0, cannot normalize (set normalize_weights=False)")
         w = w / w.sum()
     norms = torch.norm(flat, dim=-1, keepdim=True)
-    units = flat / (norms + eps)
-    mean = (units * w.view(-1, 1)).sum(0)
+    flat.div_(norms + eps)  # the unit directions
+    scratch = flat * w.view(-1, 1)
+    mean = scratch.sum(0)
     mean_norm = torch.norm(mean)
     if mean_norm < eps:
-        if stacked.shape[0] == 2:  # antipodal pair: mergekit's linear fallback
-            out = (stacked[0] * w[0] + stacked[1] * w[1]).view(stacked.shape[1:])
+        if units.shape[0] == 2:  # antipodal pair: mergekit's linear fallback, on the task vectors
+            v = [(x - base).to(units.dtype) if base is not None else x for x in tensors]
+            out = (v[0] * w[0] + v[1] * w[1]).view(shape)
             return out + base if base is not None else out
         raise ParameterError(
             f"weight (tensor {name!r}): the weighted mean of the models' directions is zero (antipodal models "
             "whose weights balance out); multislerp has no direction to interpolate around -- change the weights"
         )
-    mean = mean / mean_norm
-    tangent = units - (units * mean).sum(-1, keepdim=True) * mean  # project to m's tangent space
-    g = (tangent * w.view(-1, 1)).sum(0)
+    mean.div_(mean_norm)
+    cos = torch.mul(flat, mean, out=scratch).sum(-1, keepdim=True)
+    flat.sub_(torch.mul(cos, mean, out=scratch))  # the tangents at m: u - <u, m> m
+    g = torch.mul(flat, w.view(-1, 1), out=scratch).sum(0)
+    del scratch, units, flat
     g_norm = torch.norm(g) + eps
-    out = mean * torch.cos(g_norm) + g * (torch.sin(g_norm) / g_norm)  # exponential map
-    out = (out * (norms.squeeze(-1) * w).sum()).view(stacked.shape[1:])
+    out = mean.mul_(torch.cos(g_norm)).add_(g.mul_(torch.sin(g_norm) / g_norm))  # exponential map
+    out = out.mul_((norms.squeeze(-1) * w).sum()).view(shape)
     return out + base if base is not None else out
 
 
@@ -184,12 +198,13 @@ def karcher_mean(
         g_norm = torch.linalg.vector_norm(g.to(dtype))
         if g_norm.item() < tol:
             break
-        mean = (torch.cos(g_norm) * mean + torch.sin(g_norm) * (g / g_norm)).to(mean.dtype)  # exponential map
+        # exponential map, cos|g| m + sin|g| g / |g|, in place (the same float ops: no tensor-sized temporaries)
+        mean.mul_(torch.cos(g_norm)).add_(g.div_(g_norm).mul_(torch.sin(g_norm)))
         norm = torch.linalg.vector_norm(mean.to(dtype))
         if norm.item() > tol:
-            mean = (mean / norm).to(mean.dtype)
+            mean.div_(norm)
     scale = sum(alpha * n for alpha, n in zip(alphas, norms))
-    return scale * mean
+    return mean.mul_(scale)
 
 
 def karcher_initial_mean(units: Sequence[torch.Tensor], alphas: Sequence[float], tol: float = 1e-5) -> torch.Tensor:
@@ -205,10 +220,13 @@ def karcher_tangent(mean: torch.Tensor, units: Sequence[torch.Tensor], alphas: S
                     tol: float = 1e-5) -> torch.Tensor:
     """The Riemannian gradient step: sum_i alpha_i log_m(u_i), log_m(u) = theta/sin(theta) (u - cos(theta) m)."""
     g = torch.zeros_like(mean)
+    step = torch.empty_like(mean)  # one buffer for every model's term: temporaries are fresh pages otherwise
     for alpha, unit in zip(alphas, units):
         dot = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
         theta = torch.arccos(dot)
         if theta.item() < tol:
             continue
-        g += alpha * (theta / torch.sin(theta)) * (unit - dot * mean)
+        torch.mul(mean, dot, out=step)
+        torch.sub(unit, step, out=step)
+        g.add_(step.mul_(alpha * (theta / torch.sin(theta))))  # alpha theta / sin(theta) (u - cos(theta) m)
     return g
