@@ -477,22 +477,27 @@ def test_order_statistics_equal_kthvalue(n, levels, seed):
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(2, 2000), levels=st.integers(2, 40), topk=st.floats(0.01, 0.99), seed=st.integers(0, 2**16))
 def test_sce_selection_is_the_topk_set(n, levels, topk, seed):
-    from taskvec.methods.sce import _top_k_by_threshold, sce_select
+    from taskvec.methods.sce import sce_select
 
     g = torch.Generator().manual_seed(seed)
     deltas = torch.randint(-levels, levels, (3, n), generator=g).float() / levels  # ties in the variance
-    var = torch.var(deltas, dim=0, unbiased=False)
-    k = int(torch.count_nonzero(var) * topk)
-    reference = torch.zeros(n)
-    if k > 0:
-        reference[torch.topk(var.abs(), k).indices] = 1
-    fast = _top_k_by_threshold(var.abs(), k) if k > 0 else None
-    if fast is not None:  # decided by the threshold: exactly topk's set
-        assert torch.equal(fast.float(), reference)
-    if k > 0 and fast is None:  # only when the k-th largest is tied across the cut
-        kth = torch.topk(var.abs(), k).values[-1]
-        assert int((var.abs() >= kth).sum()) > k
-    assert torch.equal(sce_select(deltas, topk), reference)  # either way, the set topk keeps
+    score = torch.var(deltas, dim=0, unbiased=False).abs()
+    k = int(torch.count_nonzero(score) * topk)
+    ours = sce_select(deltas, topk)
+    assert ours.dtype == torch.float32 and int(ours.sum()) == k
+    if k == 0:
+        return
+    values, _ = torch.topk(score, k)
+    kth = values[-1]
+    # topk's set above the k-th largest value; at it, the tied entries with the lowest indices
+    expected = score > kth
+    tied = torch.nonzero(score == kth).view(-1)
+    expected[tied[:k - int(expected.sum())]] = True
+    assert torch.equal(ours.bool(), expected)
+    if int((score >= kth).sum()) == k:  # no tie across the cut: exactly torch.topk's set
+        reference = torch.zeros(n, dtype=torch.bool)
+        reference[torch.topk(score, k).indices] = True
+        assert torch.equal(ours.bool(), reference)
 
 
 @settings(max_examples=30, deadline=None)
@@ -507,8 +512,13 @@ def test_population_variance_is_torch_var_bit_for_bit(n_models, n, scale, bf16, 
         base = torch.randn(n, generator=g).to(torch.bfloat16).float()
         deltas = (base + deltas).to(torch.bfloat16).float() - base
         deltas[:, :3] = -0.0
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sce, "_VAR_CHUNK", 1000)  # several chunks, the last one partial
-        ours = sce.population_variance(deltas.reshape(n_models, n, 1))
+    from taskvec.methods import fused
+
     expected = torch.var(deltas.reshape(n_models, n, 1), dim=0, unbiased=False)
-    assert torch.equal(ours.view(torch.int32), expected.view(torch.int32))
+    fused_result = sce.population_variance(deltas.reshape(n_models, n, 1))  # numba's pass where installed
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused, "AVAILABLE", False)  # the torch path: float64 chunks
+        mp.setattr(sce, "_VAR_CHUNK", 1000)  # several chunks, the last one partial
+        torch_result = sce.population_variance(deltas.reshape(n_models, n, 1))
+    for ours in (fused_result, torch_result):
+        assert torch.equal(ours.view(torch.int32), expected.view(torch.int32))

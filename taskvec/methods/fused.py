@@ -560,6 +560,32 @@ if AVAILABLE:
         return n
 
 
+if AVAILABLE:
+    @njit(nogil=True, cache=True)
+    def _welford_variance(x, out, lo, hi):
+        """Population variance over axis 0 of float32 x, entries [lo, hi): Welford's float64 updates in torch's
+        order (`sce.population_variance`), rounded once to float32."""
+        n = x.shape[0]
+        for j in range(lo, hi):
+            mean = 0.0
+            m2 = 0.0
+            for i in range(n):
+                v = np.float64(x[i, j])
+                delta = v - mean
+                mean += delta / (i + 1)
+                m2 += delta * (v - mean)
+            out[j] = m2 / n
+
+
+def population_variance(flat: torch.Tensor) -> torch.Tensor:
+    """torch.var(flat, dim=0, unbiased=False) of a contiguous float32 CPU [models, entries] tensor, bit for bit,
+    in one pass over blocks of entries (numba must be AVAILABLE)."""
+    x = flat.detach().contiguous().numpy()
+    out = np.empty(x.shape[1], np.float32)
+    _over_blocks(lambda lo, hi: _welford_variance(x, out, lo, hi), _blocks(x.shape[1]))
+    return torch.from_numpy(out)
+
+
 # float dtype -> (same-width integer dtype, exponent mask as that integer)
 _EXPONENT = {
     torch.bfloat16: (torch.int16, np.int16(0x7F80)),

@@ -9,7 +9,8 @@ mergekit 0.1.5's `sce`. Per tensor, on stacked task vectors tau_i = theta_i - th
 
 The selection keeps k = floor(select_topk * (entries with non-zero variance)) entries
 (the set `torch.topk` keeps, as mergekit; k = 0 keeps none; on CPU found in O(n) from the k-th
-largest variance, topk itself only where that value is tied across the cut). Election and agreement are TIES's
+largest variance; where that value is tied across the cut, the tied entries with the lowest indices,
+where topk's choice is its implementation's). Election and agreement are TIES's
 (`ties.elect_sign`, `ties.agreement`).
 
 Where mergekit departs from the paper (`semantics`): mergekit computes eta from mean squares
@@ -53,7 +54,7 @@ def sce_select(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
     return mask
 
 
-_VAR_CHUNK = 1 << 20  # entries per float64 chunk of population_variance
+_VAR_CHUNK = 1 << 20  # entries per float64 chunk of population_variance (without numba)
 
 
 def population_variance(deltas: torch.Tensor) -> torch.Tensor:
@@ -61,10 +62,15 @@ def population_variance(deltas: torch.Tensor) -> torch.Tensor:
 
     torch's CPU kernel runs Welford's update in float64 per entry (tests/test_methods_mergekit.py checks the
     bits); for a reduction over a handful of models it is slow (7 s for 3 x 32M entries on 2 cores). The same
-    updates as elementwise float64 ops over chunks of entries take a fraction of that."""
+    updates as one numba pass over the entries (fused.py), or without numba as elementwise float64 ops over
+    chunks of entries, take a fraction of that."""
     if deltas.device.type != "cpu" or deltas.dtype != torch.float32 or deltas.dim() < 2:
         return torch.var(deltas, dim=0, unbiased=False)
     flat = deltas.reshape(deltas.shape[0], -1)
+    from . import fused  # numba, where installed: imported here, by the one method that needs it
+
+    if fused.AVAILABLE:  # one pass over the entries, the same updates
+        return fused.population_variance(flat).view(deltas.shape[1:])
     out = torch.empty(flat.shape[1], dtype=torch.float32)
     for s in range(0, flat.shape[1], _VAR_CHUNK):
         block = flat[:, s:s + _VAR_CHUNK]
@@ -80,15 +86,19 @@ def population_variance(deltas: torch.Tensor) -> torch.Tensor:
 
 
 def _top_k_by_threshold(score: torch.Tensor, k: int) -> torch.Tensor | None:
-    """The same set as torch.topk(score, k) as a bool mask, found by the k-th largest value (one O(n)
-    `np.partition`, no sort): exactly the entries >= it, unless the k-th largest is tied across the cut
-    (then which of the tied entries topk keeps is its own choice: None, and the caller runs topk)."""
+    """The k largest entries of `score` as a bool mask, found by the k-th largest value (one O(n)
+    `np.partition`, no sort): the entries above it, and of those equal to it the first ones in index order
+    up to k. That is torch.topk's set unless the k-th largest is tied across the cut; there topk's choice
+    among the tied entries is its implementation's (it differs between devices and inputs), taskvec's is
+    the lowest indices, the same on every run. None off CPU float32/float64 (the caller runs topk)."""
     if score.device.type != "cpu" or score.dtype not in (torch.float32, torch.float64):
         return None
     values = score.detach().numpy()
     threshold = np.partition(values, values.size - k)[values.size - k]
-    kept = torch.from_numpy(values >= threshold)
-    return kept if int(kept.sum()) == k else None
+    kept = values > threshold
+    ties = np.flatnonzero(values == threshold)
+    kept[ties[:k - int(kept.sum())]] = True
+    return torch.from_numpy(kept)
 
 
 def sce_coefficients(deltas: torch.Tensor, semantics: str = "paper") -> torch.Tensor:
@@ -104,7 +114,7 @@ def sce_coefficients(deltas: torch.Tensor, semantics: str = "paper") -> torch.Te
 def sce_erase(deltas: torch.Tensor) -> torch.Tensor:
     """Erase: 1.0 where tau_i is non-zero with the sign of sum_i tau_i (a zero sum elects +), else 0.0."""
     signs = elect_sign(deltas, "mass")
-    return agreement(deltas, torch.where(signs == 0, torch.ones_like(signs), signs))
+    return agreement(deltas, signs.masked_fill_(signs == 0, 1))
 
 
 def sce_merge(deltas: torch.Tensor, select_topk: float = 1.0, semantics: str = "paper") -> torch.Tensor:
@@ -115,10 +125,11 @@ def sce_merge(deltas: torch.Tensor, select_topk: float = 1.0, semantics: str = "
         deltas = deltas * sce_select(deltas, select_topk).unsqueeze(0)
     eta = sce_coefficients(deltas, semantics)
     eta = eta.reshape(-1, *([1] * (deltas.dim() - 1)))
-    weights = eta * sce_erase(deltas)
+    # in place on the fresh (models x entries) tensors: each temporary of that size is fresh pages to fault in
+    weights = sce_erase(deltas).mul_(eta)
     divisor = torch.sum(weights, dim=0)
     if semantics == "mergekit":
-        divisor = divisor.clamp(min=1e-6)
+        divisor = divisor.clamp_(min=1e-6)
     else:  # the reference code's: 1 where no model agrees (the numerator is 0 there too)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    return (deltas * weights).sum(dim=0) / divisor
+        divisor = divisor.masked_fill_(divisor == 0, 1)
+    return weights.mul_(deltas).sum(dim=0).div_(divisor)

@@ -62,7 +62,7 @@ def elect_sign(deltas: torch.Tensor, method: str = "mass") -> torch.Tensor:
 
 def agreement(deltas: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """1.0 where model i's entry is non-zero and has the elected sign, else 0.0 (float, same shape as deltas)."""
-    return (deltas.sign() * signs).clamp_(min=0)  # sign * sign is 1 only for equal non-zero signs
+    return deltas.sign().mul_(signs).clamp_(min=0)  # sign * sign is 1 only for equal non-zero signs
 
 
 def disjoint_mean(deltas: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
