@@ -104,11 +104,12 @@ def run_golden_config(name: str, out: Path) -> dict[str, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=1)
-def _pinned_outputs() -> Path:
+def _pinned_outputs() -> Path | None:
     """Every deterministic golden config merged by taskvec in one child process under NUMERICS (env vars that
-    torch reads at import, so not settable here); once per test worker. Returns the folder of NAME.safetensors."""
+    torch reads at import, so not settable here); once per test worker. Returns the folder of NAME.safetensors,
+    or None when this process already runs under NUMERICS (merge in-process)."""
     if all(os.environ.get(k) == v for k, v in NUMERICS.items()):
-        return Path()  # this process already runs under them: merge in-process
+        return None
     out = Path(tempfile.mkdtemp(prefix="taskvec-goldens-"))
     atexit.register(shutil.rmtree, out, True)
     names = [n for n in GOLDEN_CONFIGS if n not in RANDOM]
@@ -126,7 +127,7 @@ def _pinned_outputs() -> Path:
 def golden_merge(name: str, out: Path) -> dict[str, torch.Tensor]:
     """run_golden_config under the goldens' pinned numerics."""
     folder = _pinned_outputs()
-    return run_golden_config(name, out) if folder == Path() else _load(folder / f"{name}.safetensors")
+    return run_golden_config(name, out) if folder is None else _load(folder / f"{name}.safetensors")
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:

@@ -43,14 +43,14 @@ def sce_select(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
         return torch.ones_like(deltas[0])
     var = population_variance(deltas)
     k = int(torch.count_nonzero(var) * select_topk)
+    if k == 0:
+        return torch.zeros_like(var)
+    score = var.abs().view(-1)
+    kept = _top_k_by_threshold(score, k)
+    if kept is not None:
+        return kept.to(var.dtype).view_as(var)
     mask = torch.zeros_like(var)
-    if k > 0:
-        score = var.abs().view(-1)
-        kept = _top_k_by_threshold(score, k)
-        if kept is not None:
-            return kept.to(var.dtype).view_as(var)
-        _, idx = torch.topk(score, k=k, largest=True)
-        mask.view(-1)[idx] = 1
+    mask.view(-1)[torch.topk(score, k=k, largest=True).indices] = 1
     return mask
 
 
