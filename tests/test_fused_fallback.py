@@ -109,3 +109,18 @@ def test_selection_is_exact_under_any_ties(levels, zero_share, clustered, densit
         mp.setattr(fused, "_BRACKET_MIN", 4096)
         out, ks = selected_bits(base, models, densities)
     assert [int(x) for x in out] == [exact_threshold_bits(base, m, k) for m, k in zip(models, ks)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=300), st.integers(0, 2**31), st.data())
+def test_rth_largest_of_a_tied_bracket_is_the_sorted_one(offsets, lo, data):
+    """Either way of selecting inside the bracket (a count per bit pattern when narrow, np.partition when
+    wide) gives the r-th largest of the sorted values, ties and all."""
+    values = np.array([min(lo + o, 2**32 - 1) for o in offsets], np.uint32)
+    r = data.draw(st.integers(1, values.size))
+    expected = np.sort(values)[::-1][r - 1]
+    low, high = np.uint32(lo), np.uint32(max(values.max(), lo))
+    assert fused._rth_largest(values, r, low, high) == expected  # narrow: counted
+    wide = np.uint32(min(int(high) + fused._COUNT_MAX + 1, 2**32 - 1))
+    if int(wide) - lo > fused._COUNT_MAX:
+        assert fused._rth_largest(values, r, low, wide) == expected  # wide: partitioned
