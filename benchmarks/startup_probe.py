@@ -42,4 +42,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from taskvec.cli import exit_now
+
+    exit_now("merge", main(sys.argv[1:]))  # as the `taskvec` console script exits

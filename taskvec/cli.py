@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # name -> (module:function taking argv and returning an exit code, one-line help)
@@ -147,5 +148,29 @@ def main(argv: list[str] | None = None) -> int:
     return int(getattr(importlib.import_module(module), func)(rest) or 0)
 
 
+# Commands whose work is finished when they return (output renamed into place, files closed): the console
+# script then skips the interpreter's teardown, where torch frees its operator registry entry by entry and
+# every module is torn down. At 1.1B that took 0.6-1.9 s after a 5 s linear merge had written its output.
+FAST_EXIT = frozenset({"merge", "extract-lora", "analyze", "warmup"})
+
+
+def exit_now(command: str | None, code: int) -> None:
+    """Exit with `code`: at once (streams and logging flushed first) after a FAST_EXIT command, else normally."""
+    if command in FAST_EXIT:
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def entry() -> None:
+    """The `taskvec` console script: `main` on sys.argv, then `exit_now`."""
+    code = main()
+    exit_now(sys.argv[1] if len(sys.argv) > 1 else None, code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

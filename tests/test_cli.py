@@ -138,3 +138,17 @@ def test_dry_run_prints_the_plan_and_writes_nothing(hub, capsys):
     text = capsys.readouterr().out
     assert text.startswith("slerp: 1 model(s) -> 32 output layers") and "t varies by tensor" in text
     assert not out.exists() and _hidden(hub) == []
+
+
+def test_console_script_exits_at_once_with_its_output_complete(hub):
+    """`python -m taskvec.cli merge` (the console script's `entry`) skips the interpreter's teardown after a
+    merge: the exit code, the printed line and the renamed output must all be there; a failure still exits 1."""
+    out = hub / "cli-fast-exit"
+    res = subprocess.run([sys.executable, "-m", "taskvec.cli", "merge", str(SEED_CONFIGS[0]), str(out),
+                          "--no-progress"], capture_output=True, text=True, cwd=hub)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"merged into {out}"
+    assert (out / "model.safetensors").is_file() and _hidden(hub) == []
+    bad = subprocess.run([sys.executable, "-m", "taskvec.cli", "merge", str(hub / "missing.yml"), str(hub / "x")],
+                         capture_output=True, text=True, cwd=hub)
+    assert bad.returncode == 1 and "missing.yml" in bad.stderr and not (hub / "x").exists()
