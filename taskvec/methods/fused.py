@@ -238,35 +238,36 @@ if AVAILABLE:
         """Per model, over entries [lo, hi), the exact L1 sums of delta and of its DARE survivors as
         per-exponent mantissa sums (`dare.l1_bins`): integers, so the per-block split does not change them."""
         bins = np.zeros((len(models), 2, 254), np.int64)
-        # Per chunk, a vectorised loop computes each entry's bin, mantissa and survivor mantissa; a scalar loop
-        # then adds the mantissas to four interleaved copies of the bins (entry k adds to copy k % 4):
+        # Per chunk, a vectorised loop computes each entry's |delta| bits and whether its draw keeps it; a scalar
+        # loop then adds the mantissas to four interleaved copies of the bins (entry k adds to copy k % 4):
         # neighbouring deltas share an exponent, and with one copy every add waited for the previous one. The
-        # survivor add is a product, not a branch on the draw (mispredicted half the time).
-        part = np.zeros((2, 4, 254), np.int64)
+        # survivor add is a product, not a branch on the draw (mispredicted half the time). 148 -> 60 ms per
+        # 11.5M entries of 3 models.
         chunk = 2048
-        mant = np.empty(chunk, np.int64)  # the mantissa of |delta| (implicit bit included)
-        kept = np.empty(chunk, np.int64)  # the same, or 0 where DARE drops the entry
-        slot = np.empty(chunk, np.int64)  # the bin: exponent - 1
+        bits = np.empty(chunk, np.uint32)
+        keep = np.empty(chunk, np.uint8)
         for j in range(len(models)):
             key, drop = keys[j], drops[j]
-            part[:] = 0
+            part = np.zeros((2, 4, 254), np.int64)
             for c0 in range(lo, hi, chunk):
                 n = min(chunk, hi - c0)
                 a = models[j][c0:c0 + n]  # chunk views indexed from 0, so LLVM vectorises the first loop
                 bb = base[c0:c0 + n]
                 for k in range(n):
-                    x = _abs_bits(_load(a, k, shift) - _load(bb, k, shift))
-                    e = x >> np.uint32(23)
-                    mant[k] = np.int64((x & np.uint32(0x7FFFFF)) | (np.uint32(e > 0) << np.uint32(23)))
-                    kept[k] = mant[k] * np.int64(_draw(key, c0 + k) >= drop)
-                    slot[k] = min(max(np.int64(e) - 1, 0), 253)  # 253: an overflowing (inf) delta stays in bounds
+                    bits[k] = _abs_bits(_load(a, k, shift) - _load(bb, k, shift))
+                    keep[k] = _draw(key, c0 + k) >= drop
                 for k in range(n):
+                    x = bits[k]
+                    e = x >> np.uint32(23)
+                    m = np.int64((x & np.uint32(0x7FFFFF)) | (np.uint32(e > 0) << np.uint32(23)))
+                    s = min(max(np.int64(e) - 1, 0), 253)  # 253: an overflowing (inf) delta stays in bounds
                     lane = k & 3
-                    part[0, lane, slot[k]] += mant[k]
-                    part[1, lane, slot[k]] += kept[k]
-            for lane in range(4):
-                bins[j, 0] += part[0, lane]
-                bins[j, 1] += part[1, lane]
+                    part[0, lane, s] += m
+                    part[1, lane, s] += m * keep[k]
+            for lane in range(4):  # explicit loops: numba's array expressions here tripled the compile time
+                for q in range(254):
+                    bins[j, 0, q] += part[0, lane, q]
+                    bins[j, 1, q] += part[1, lane, q]
         return bins
 
     @njit(inline="always", cache=True)
