@@ -749,8 +749,8 @@ def _rth_largest(values: np.ndarray, r: int, lo: np.uint32, hi: np.uint32) -> np
     (np.bincount) takes the same time whatever the ties, when the bracket is narrow."""
     width = int(hi) - int(lo)
     if width <= min(_COUNT_MAX, 8 * values.size + (1 << 16)):
-        from_top = np.cumsum(np.bincount(values - lo, minlength=width + 1)[::-1])
-        return np.uint32(int(hi) - int(np.searchsorted(from_top, r)))  # first pattern with >= r at or above it
+        offset, _ = _pick_bin(np.bincount(values - lo, minlength=width + 1), r)
+        return np.uint32(int(lo) + offset)
     return np.partition(values, values.size - r)[values.size - r]
 
 
